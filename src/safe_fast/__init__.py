@@ -1,0 +1,120 @@
+"""safe_fast: the fast realtime broadcast engine for SAFE ShareData.
+
+A WebSocket server and client for the SAFE realtime protocol, wire-compatible
+with ``@degenerate/realtime`` 0.7.1. The broadcast hot path is compiled
+(``safe_fast.core_backend() == "cython"``) with a pure-Python twin.
+"""
+
+from ._backend import core_backend
+from .auth import (
+    AuthorizationAudience,
+    AuthorizedAuthorities,
+    ShareDataAuthContext,
+    create_share_data_authenticate,
+    share_data_audience_authorizer,
+)
+from .messages import (
+    CLOSE_FELL_BEHIND,
+    CLOSE_INVALID_MESSAGE,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNKNOWN_SHARE_DATA,
+    ClientMessage,
+    EncodeError,
+    ErrorFrame,
+    InvalidMessage,
+    LifecycleFrame,
+    Ping,
+    PongFrame,
+    ProposalResultFrame,
+    Propose,
+    ServerMessage,
+    StateFrame,
+    Subscribe,
+    TransactionFrame,
+    Unsubscribe,
+    encode_message,
+    parse_client_message,
+    parse_server_message,
+)
+from .registry import ChannelRegistry, InMemoryChannelRegistry
+from .replay import InMemoryReplayStore, ReplayEntry, ReplayStore
+from .server import (
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionOverflow,
+    RealtimeServer,
+    ReplayWriteFailed,
+    ServerConnection,
+    UpgradeRequest,
+    attach_realtime_server,
+    create_id_based_function_resolver,
+    use_uvloop,
+)
+from .sharedata import (
+    RuleError,
+    ShareData,
+    ShareDataEvent,
+    ShareDataManager,
+    ShareFunction,
+    TransactionOutcome,
+    TransactionRecord,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "core_backend",
+    # the SAFE model
+    "ShareFunction",
+    "ShareData",
+    "TransactionRecord",
+    "TransactionOutcome",
+    "ShareDataManager",
+    "ShareDataEvent",
+    "RuleError",
+    # the wire protocol
+    "CLOSE_FELL_BEHIND",
+    "CLOSE_UNAUTHORIZED",
+    "CLOSE_UNKNOWN_SHARE_DATA",
+    "CLOSE_INVALID_MESSAGE",
+    "InvalidMessage",
+    "EncodeError",
+    "Subscribe",
+    "Unsubscribe",
+    "Propose",
+    "Ping",
+    "ClientMessage",
+    "StateFrame",
+    "TransactionFrame",
+    "LifecycleFrame",
+    "ProposalResultFrame",
+    "PongFrame",
+    "ErrorFrame",
+    "ServerMessage",
+    "parse_client_message",
+    "parse_server_message",
+    "encode_message",
+    # the server
+    "attach_realtime_server",
+    "RealtimeServer",
+    "ServerConnection",
+    "UpgradeRequest",
+    "ConnectionOpened",
+    "ConnectionClosed",
+    "ConnectionOverflow",
+    "ReplayWriteFailed",
+    "create_id_based_function_resolver",
+    "use_uvloop",
+    "ChannelRegistry",
+    "InMemoryChannelRegistry",
+    "ReplayStore",
+    "ReplayEntry",
+    "InMemoryReplayStore",
+    # authentication
+    "AuthorizationAudience",
+    "AuthorizedAuthorities",
+    "ShareDataAuthContext",
+    "create_share_data_authenticate",
+    "share_data_audience_authorizer",
+]

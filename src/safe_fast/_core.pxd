@@ -1,0 +1,39 @@
+# Declarations of the compiled hot path, for other Cython code to cimport.
+
+cdef class Flusher:
+    cdef readonly object loop
+    cdef list _dirty
+    cdef bint _scheduled
+    cdef object _flush_all
+    cdef void mark(self, Outbox outbox) except *
+    cpdef flush_all(self)
+
+
+cdef class Outbox:
+    cdef object __weakref__
+    cdef readonly object transport
+    cdef readonly Flusher flusher
+    cdef public Py_ssize_t max_buffered_bytes
+    cdef list _frames
+    cdef Py_ssize_t _queued
+    cdef Py_ssize_t _transport_bytes
+    cdef bint _open
+    cdef object _write
+    cdef object _get_write_buffer_size
+    cdef bint _send(self, bytes frame) except -1
+    cdef int _flush(self) except -1
+
+
+cdef class ReplayRing:
+    cdef readonly Py_ssize_t capacity
+    cdef list _ids
+    cdef list _entries
+    cdef dict _index
+    cdef Py_ssize_t _next
+
+    cpdef append(self, str transaction_id, object entry)
+    cpdef object entries_since(self, str cursor)
+
+
+cpdef bytes encode_frame(bytes payload, int opcode=*)
+cpdef Py_ssize_t fanout(bytes frame, object outboxes) except -1

@@ -1,0 +1,213 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The broadcast hot path, compiled: the twin of ``_core_py.py``.
+
+Same names, same behaviour; see that module for the why of each piece. Only
+what runs per frame or per subscriber is here.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
+from libc.string cimport memcpy
+
+__all__ = ["encode_frame", "Flusher", "Outbox", "fanout", "ReplayRing", "OPCODE_TEXT", "OPCODE_BINARY"]
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+
+
+cpdef bytes encode_frame(bytes payload, int opcode=0x1):
+    """One final, unmasked frame (server-to-client framing, RFC 6455 §5.2)."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+    cdef Py_ssize_t header
+    cdef unsigned long long length
+    cdef int i
+    if size < 126:
+        header = 2
+    elif size < 65536:
+        header = 4
+    else:
+        header = 10
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, header + size)
+    cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(frame)
+    out[0] = 0x80 | (opcode & 0x0F)
+    if header == 2:
+        out[1] = <unsigned char>size
+    elif header == 4:
+        out[1] = 126
+        out[2] = <unsigned char>(size >> 8)
+        out[3] = <unsigned char>(size & 0xFF)
+    else:
+        out[1] = 127
+        length = <unsigned long long>size
+        for i in range(8):
+            out[9 - i] = <unsigned char>(length & 0xFF)
+            length >>= 8
+    memcpy(out + header, PyBytes_AS_STRING(payload), size)
+    return frame
+
+
+cdef class Flusher:
+    """Writes every dirty outbox once per event-loop iteration."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._dirty = []
+        self._scheduled = False
+        self._flush_all = self.flush_all
+
+    cdef void mark(self, Outbox outbox) except *:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush_all)
+
+    cpdef flush_all(self):
+        cdef list dirty = self._dirty
+        cdef Py_ssize_t i, n
+        self._dirty = []
+        self._scheduled = False
+        n = PyList_GET_SIZE(dirty)
+        for i in range(n):
+            (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
+
+
+cdef class Outbox:
+    """The write side of one connection, with coalescing and accounting."""
+
+    def __init__(self, transport, Flusher flusher, Py_ssize_t max_buffered_bytes):
+        self.transport = transport
+        self.flusher = flusher
+        self.max_buffered_bytes = max_buffered_bytes
+        self._frames = []
+        self._queued = 0
+        self._transport_bytes = 0
+        self._open = True
+        self._write = transport.write
+        self._get_write_buffer_size = transport.get_write_buffer_size
+
+    @property
+    def is_open(self):
+        """False once the outbox overflowed or was closed: it takes no frames."""
+        return self._open
+
+    @property
+    def queued_bytes(self):
+        """Bytes queued here and not yet handed to the transport."""
+        return self._queued
+
+    @property
+    def buffered_amount(self):
+        """Unsent bytes: queued here plus held by the transport."""
+        return self._queued + self._get_write_buffer_size()
+
+    def send_frame(self, bytes frame):
+        """Queue one complete frame; False if it was refused."""
+        return self._send(frame)
+
+    def flush(self):
+        """Hand everything queued to the transport in one write."""
+        self._flush()
+
+    cdef bint _send(self, bytes frame) except -1:
+        cdef Py_ssize_t size, total
+        if not self._open:
+            return False
+        size = PyBytes_GET_SIZE(frame)
+        total = self._transport_bytes + self._queued + size
+        if total > self.max_buffered_bytes:
+            self._transport_bytes = self._get_write_buffer_size()
+            total = self._transport_bytes + self._queued + size
+            if total > self.max_buffered_bytes:
+                self._open = False
+                self.on_overflow(total - size)
+                return False
+        if PyList_GET_SIZE(self._frames) == 0:
+            self.flusher.mark(self)
+        self._frames.append(frame)
+        self._queued += size
+        return True
+
+    cdef int _flush(self) except -1:
+        cdef list frames = self._frames
+        cdef Py_ssize_t n = PyList_GET_SIZE(frames)
+        if n == 0:
+            return 0
+        self._frames = []
+        self._queued = 0
+        if self.transport.is_closing():
+            return 0
+        if n == 1:
+            self._write(<object>PyList_GET_ITEM(frames, 0))
+        else:
+            self._write(b"".join(frames))
+        self._transport_bytes = self._get_write_buffer_size()
+        return 0
+
+    def close_outbox(self, bint flush=True):
+        """Stop taking frames; write what is queued first unless ``flush`` is False."""
+        if flush:
+            self._flush()
+        else:
+            self._frames = []
+            self._queued = 0
+        self._open = False
+
+    def on_overflow(self, buffered_amount):
+        """Called once when a frame is refused for overflow."""
+
+
+cpdef Py_ssize_t fanout(bytes frame, object outboxes) except -1:
+    """Queue ``frame`` on every outbox; returns how many took it."""
+    cdef list snapshot = list(outboxes)
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(snapshot)
+    cdef Py_ssize_t delivered = 0
+    for i in range(n):
+        if (<Outbox>PyList_GET_ITEM(snapshot, i))._send(frame):
+            delivered += 1
+    return delivered
+
+
+cdef class ReplayRing:
+    """A fixed-capacity window of (transaction id -> entry), oldest evicted first."""
+
+    def __init__(self, Py_ssize_t capacity):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._ids = [None] * capacity
+        self._entries = [None] * capacity
+        self._index = {}
+        self._next = 0
+
+    def __len__(self):
+        return self._next if self._next < self.capacity else self.capacity
+
+    cpdef append(self, str transaction_id, object entry):
+        cdef Py_ssize_t seq = self._next
+        cdef Py_ssize_t slot = seq % self.capacity
+        cdef object evicted
+        if seq >= self.capacity:
+            evicted = self._ids[slot]
+            if evicted is not None and self._index.get(evicted) == seq - self.capacity:
+                del self._index[evicted]
+        self._ids[slot] = transaction_id
+        self._entries[slot] = entry
+        self._index[transaction_id] = seq
+        self._next = seq + 1
+
+    cpdef object entries_since(self, str cursor):
+        """Entries strictly after ``cursor``; None if it is not retained."""
+        cdef object found = self._index.get(cursor)
+        cdef Py_ssize_t i, seq
+        if found is None:
+            return None
+        seq = found
+        return [self._entries[i % self.capacity] for i in range(seq + 1, self._next)]
+
+    def entries(self):
+        """All retained entries, oldest first."""
+        cdef Py_ssize_t i
+        cdef Py_ssize_t start = self._next - self.capacity
+        if start < 0:
+            start = 0
+        return [self._entries[i % self.capacity] for i in range(start, self._next)]

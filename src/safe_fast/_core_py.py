@@ -1,0 +1,212 @@
+"""The broadcast hot path in pure Python: the twin of ``_core.pyx``.
+
+Both modules export the same names with the same behaviour; ``safe_fast._backend``
+picks one at import time. Keep them in step: the parity tests drive both with
+the same random operations.
+
+What lives here, and why it is the hot path:
+
+* :func:`encode_frame` turns a payload into one complete, unmasked WebSocket
+  frame. A broadcast is encoded once and the same ``bytes`` object is queued
+  for every subscriber.
+* :class:`Outbox` is one connection's write side. Frames queued during one
+  event-loop iteration leave in a single ``transport.write`` (one system call)
+  when the :class:`Flusher` runs, before the loop sleeps again. It accounts the
+  bytes it holds plus what the transport still buffers, and refuses a frame
+  that would take the total past ``max_buffered_bytes``.
+* :func:`fanout` queues one frame on many outboxes.
+* :class:`ReplayRing` is the bounded per-channel replay window: O(1) append,
+  O(1) cursor lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+__all__ = ["encode_frame", "Flusher", "Outbox", "fanout", "ReplayRing", "OPCODE_TEXT", "OPCODE_BINARY"]
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+
+
+def encode_frame(payload: bytes, opcode: int = OPCODE_TEXT) -> bytes:
+    """One final, unmasked frame (server-to-client framing, RFC 6455 §5.2)."""
+    size = len(payload)
+    first = 0x80 | opcode
+    if size < 126:
+        header = bytes((first, size))
+    elif size < 65536:
+        header = bytes((first, 126, size >> 8, size & 0xFF))
+    else:
+        header = bytes((first, 127)) + size.to_bytes(8, "big")
+    return header + payload
+
+
+class Flusher:
+    """Writes every dirty outbox once per event-loop iteration.
+
+    The first frame queued in an iteration schedules one ``call_soon``; all
+    outboxes touched until then are flushed by that single callback, which the
+    loop runs before it next waits for I/O.
+    """
+
+    __slots__ = ("loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self._dirty: list[Outbox] = []
+        self._scheduled = False
+
+    def mark(self, outbox: "Outbox") -> None:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.flush_all)
+
+    def flush_all(self) -> None:
+        # Swap first: a flush may queue more (an overflow close frame), which
+        # then belongs to the next round.
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for outbox in dirty:
+            outbox.flush()
+
+
+class Outbox:
+    """The write side of one connection, with coalescing and accounting.
+
+    ``transport`` needs ``write``, ``get_write_buffer_size`` and ``is_closing``
+    (any asyncio transport). Subclasses override :meth:`on_overflow`.
+    """
+
+    __slots__ = ("transport", "flusher", "max_buffered_bytes", "_frames", "_queued", "_transport_bytes", "_open", "__weakref__")
+
+    def __init__(self, transport: Any, flusher: Flusher, max_buffered_bytes: int) -> None:
+        self.transport = transport
+        self.flusher = flusher
+        self.max_buffered_bytes = max_buffered_bytes
+        self._frames: list[bytes] = []
+        self._queued = 0
+        # What the transport held at our last write. It only shrinks between
+        # writes, so it is an upper bound that avoids asking per frame.
+        self._transport_bytes = 0
+        self._open = True
+
+    @property
+    def is_open(self) -> bool:
+        """False once the outbox overflowed or was closed: it takes no frames."""
+        return self._open
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued here and not yet handed to the transport."""
+        return self._queued
+
+    @property
+    def buffered_amount(self) -> int:
+        """Unsent bytes: queued here plus held by the transport."""
+        return self._queued + self.transport.get_write_buffer_size()
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Queue one complete frame; False if it was refused.
+
+        A frame that would take the buffered total past ``max_buffered_bytes``
+        closes the outbox and calls :meth:`on_overflow` once.
+        """
+        if not self._open:
+            return False
+        size = len(frame)
+        total = self._transport_bytes + self._queued + size
+        if total > self.max_buffered_bytes:
+            self._transport_bytes = self.transport.get_write_buffer_size()
+            total = self._transport_bytes + self._queued + size
+            if total > self.max_buffered_bytes:
+                self._open = False
+                self.on_overflow(total - size)
+                return False
+        if not self._frames:
+            self.flusher.mark(self)
+        self._frames.append(frame)
+        self._queued += size
+        return True
+
+    def flush(self) -> None:
+        """Hand everything queued to the transport in one write."""
+        frames = self._frames
+        if not frames:
+            return
+        self._frames = []
+        self._queued = 0
+        if self.transport.is_closing():
+            return
+        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self._transport_bytes = self.transport.get_write_buffer_size()
+
+    def close_outbox(self, flush: bool = True) -> None:
+        """Stop taking frames; write what is queued first unless ``flush`` is False."""
+        if flush:
+            self.flush()
+        else:
+            self._frames = []
+            self._queued = 0
+        self._open = False
+
+    def on_overflow(self, buffered_amount: int) -> None:
+        """Called once when a frame is refused for overflow."""
+
+
+def fanout(frame: bytes, outboxes: Iterable[Outbox]) -> int:
+    """Queue ``frame`` on every outbox; returns how many took it.
+
+    Iterates a snapshot, so an overflow handler may change the collection.
+    """
+    delivered = 0
+    for outbox in list(outboxes):
+        if outbox.send_frame(frame):
+            delivered += 1
+    return delivered
+
+
+class ReplayRing:
+    """A fixed-capacity window of (transaction id → entry), oldest evicted first."""
+
+    __slots__ = ("capacity", "_ids", "_entries", "_index", "_next")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._ids: list[str | None] = [None] * capacity
+        self._entries: list[Any] = [None] * capacity
+        # transaction id -> absolute sequence number of its newest append
+        self._index: dict[str, int] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return min(self._next, self.capacity)
+
+    def append(self, transaction_id: str, entry: Any) -> None:
+        seq = self._next
+        slot = seq % self.capacity
+        if seq >= self.capacity:
+            evicted = self._ids[slot]
+            if evicted is not None and self._index.get(evicted) == seq - self.capacity:
+                del self._index[evicted]
+        self._ids[slot] = transaction_id
+        self._entries[slot] = entry
+        self._index[transaction_id] = seq
+        self._next = seq + 1
+
+    def entries_since(self, cursor: str) -> list[Any] | None:
+        """Entries strictly after ``cursor``; None if it is not retained."""
+        seq = self._index.get(cursor)
+        if seq is None:
+            return None
+        capacity = self.capacity
+        entries = self._entries
+        return [entries[i % capacity] for i in range(seq + 1, self._next)]
+
+    def entries(self) -> list[Any]:
+        """All retained entries, oldest first."""
+        start = max(0, self._next - self.capacity)
+        return [self._entries[i % self.capacity] for i in range(start, self._next)]

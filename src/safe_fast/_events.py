@@ -1,0 +1,69 @@
+"""A small event emitter shared by the model, the server and the client.
+
+Listeners may be plain functions or coroutine functions. A listener that
+raises (or whose coroutine raises) is logged and never disturbs the emitter
+or the other listeners: observability must not be able to break delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Any, Callable
+
+__all__ = ["EventEmitter", "Listener"]
+
+logger = logging.getLogger("safe_fast")
+
+Listener = Callable[..., Any]
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("async event listener failed", exc_info=task.exception())
+
+
+class EventEmitter:
+    """``on`` / ``off`` / ``emit`` with isolated, possibly async, listeners."""
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[Listener]] = {}
+
+    def on(self, event: str, listener: Listener) -> Listener:
+        """Register *listener* for *event*; returns it, so it can decorate."""
+        self._listeners.setdefault(event, []).append(listener)
+        return listener
+
+    def off(self, event: str, listener: Listener) -> None:
+        """Remove one registration of *listener*; unknown ones are ignored."""
+        listeners = self._listeners.get(event)
+        if listeners and listener in listeners:
+            listeners.remove(listener)
+
+    def has_listeners(self, event: str) -> bool:
+        return bool(self._listeners.get(event))
+
+    def emit(self, event: str, *args: Any) -> None:
+        listeners = self._listeners.get(event)
+        if not listeners:
+            return
+        # Copy: a listener may call on/off while we iterate.
+        for listener in tuple(listeners):
+            try:
+                result = listener(*args)
+            except Exception:
+                logger.exception("listener for %r raised", event)
+                continue
+            if inspect.isawaitable(result):
+                try:
+                    task = asyncio.ensure_future(result)
+                except RuntimeError:
+                    # No running loop: nothing can await it; close it quietly.
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    logger.error("async listener for %r needs a running event loop", event)
+                    continue
+                task.add_done_callback(_log_task_failure)

@@ -1,0 +1,83 @@
+"""Channel registries: who is subscribed to which ShareData id.
+
+A registry's ``broadcast`` is the fan-out: it encodes the message into one
+WebSocket frame **once** and queues the same bytes on every subscribed
+connection (see ``_core``: each connection coalesces what it gets in one
+event-loop iteration into one write).
+
+Connections handed to a registry are :class:`safe_fast.server.ServerConnection`
+objects: ``send_frame(frame_bytes)`` queues an encoded frame,
+``send_message(message)`` encodes and queues one message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Protocol, Union, runtime_checkable
+
+from ._backend import core
+from .messages import ServerMessage, encode_message
+
+__all__ = ["ChannelRegistry", "InMemoryChannelRegistry", "encode_broadcast_frame"]
+
+
+def encode_broadcast_frame(message: ServerMessage | dict[str, Any]) -> bytes:
+    """The complete text frame for ``message``, to write to every subscriber."""
+    return core.encode_frame(encode_message(message))
+
+
+@runtime_checkable
+class ChannelRegistry(Protocol):
+    """Subscriptions and fan-out. Methods may return awaitables."""
+
+    def subscribe(self, share_data_id: str, connection: Any) -> Union[None, Awaitable[None]]: ...
+
+    def unsubscribe(self, share_data_id: str, connection: Any) -> Union[None, Awaitable[None]]: ...
+
+    def broadcast(self, share_data_id: str, message: Any) -> Union[None, Awaitable[None]]: ...
+
+    def remove_connection(self, connection: Any) -> Union[None, Awaitable[None]]: ...
+
+
+class InMemoryChannelRegistry:
+    """Subscriptions of this process, fan-out in this process."""
+
+    def __init__(self) -> None:
+        # An insertion-ordered dict per channel: O(1) add/remove, and frames
+        # go out to subscribers in the order they subscribed.
+        self._channels: dict[str, dict[Any, None]] = {}
+
+    def subscribe(self, share_data_id: str, connection: Any) -> None:
+        self._channels.setdefault(share_data_id, {})[connection] = None
+
+    def unsubscribe(self, share_data_id: str, connection: Any) -> None:
+        subscribers = self._channels.get(share_data_id)
+        if subscribers is not None:
+            subscribers.pop(connection, None)
+            if not subscribers:
+                del self._channels[share_data_id]
+
+    def broadcast(self, share_data_id: str, message: Any) -> None:
+        subscribers = self._channels.get(share_data_id)
+        if subscribers:
+            core.fanout(encode_broadcast_frame(message), subscribers)
+
+    def broadcast_frame(self, share_data_id: str, frame: bytes) -> None:
+        """Fan out an already-encoded frame."""
+        subscribers = self._channels.get(share_data_id)
+        if subscribers:
+            core.fanout(frame, subscribers)
+
+    def remove_connection(self, connection: Any) -> None:
+        for share_data_id in [i for i, subs in self._channels.items() if connection in subs]:
+            self.unsubscribe(share_data_id, connection)
+
+    def remove_channel(self, share_data_id: str) -> None:
+        """Drop every subscriber of ``share_data_id`` (after ``lifecycle removed``)."""
+        self._channels.pop(share_data_id, None)
+
+    def subscribers(self, share_data_id: str) -> list[Any]:
+        """The connections subscribed to ``share_data_id``."""
+        return list(self._channels.get(share_data_id, ()))
+
+    def channel_count(self) -> int:
+        return len(self._channels)

@@ -1,0 +1,27 @@
+"""The realtime server: connection protocol, picows adapter, built-in hooks."""
+
+from .connection import (
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionOverflow,
+    ReplayWriteFailed,
+    ServerConnection,
+    ServerHub,
+)
+from .request import UpgradeRequest
+from .resolver import create_id_based_function_resolver
+from .server import RealtimeServer, attach_realtime_server, use_uvloop
+
+__all__ = [
+    "attach_realtime_server",
+    "RealtimeServer",
+    "ServerConnection",
+    "ServerHub",
+    "UpgradeRequest",
+    "ConnectionOpened",
+    "ConnectionClosed",
+    "ConnectionOverflow",
+    "ReplayWriteFailed",
+    "create_id_based_function_resolver",
+    "use_uvloop",
+]

@@ -1,0 +1,569 @@
+"""The server's connection protocol, free of sockets.
+
+Theory of operation
+-------------------
+
+There are two kinds of object here.
+
+:class:`ServerHub` is the server-wide part: the manager, the hooks, the
+registry, the replay store, the observability events, and the broadcast path
+(manager event -> replay record -> one encoded frame -> every subscriber).
+
+:class:`ServerConnection` is one client. It takes complete WebSocket messages
+in (:meth:`ServerConnection.receive_message`) and decides everything the
+protocol says about them: which frames to send, which hooks to call, when to
+close and with which code. Its output goes to two small seams that the picows
+adapter (``server.py``) fills in and that tests fill with recording objects:
+
+* the *write transport* (``write``, ``get_write_buffer_size``,
+  ``is_closing``) that the compiled :class:`~safe_fast._core.Outbox` it
+  inherits from writes coalesced frames to;
+* the *control* object (``send_close(code, reason)``, ``disconnect()``,
+  ``send_ping()``) for WebSocket control frames.
+
+A connection is in one of these states::
+
+    AUTHENTICATING --context ok--> OPEN --close()/peer close--> CLOSING --> CLOSED
+          |                          ^                                    ^
+          +--rejected (4002)---------|------------------------------------+
+                                     (disconnect from any state -> CLOSED)
+
+Messages are handled strictly in arrival order. Ping and unsubscribe, which
+call no hook, are answered inline when nothing is pending. Everything else
+(and everything while something is pending) goes through a FIFO drained by
+one task per busy connection, so an ``async`` hook delays only its own
+connection, and an idle connection owns no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from .._backend import core
+from .._events import EventEmitter
+from ..messages import (
+    CLOSE_FELL_BEHIND,
+    CLOSE_INVALID_MESSAGE,
+    CLOSE_REASONS,
+    CLOSE_UNKNOWN_SHARE_DATA,
+    EncodeError,
+    ErrorFrame,
+    InvalidMessage,
+    LifecycleFrame,
+    Ping,
+    PongFrame,
+    ProposalResultFrame,
+    Propose,
+    ServerMessage,
+    StateFrame,
+    Subscribe,
+    TransactionFrame,
+    Unsubscribe,
+    encode_message,
+    parse_client_message,
+)
+from ..registry import ChannelRegistry
+from ..replay import ReplayEntry, ReplayStore
+
+__all__ = [
+    "ServerHub",
+    "ServerConnection",
+    "ConnectionOpened",
+    "ConnectionClosed",
+    "ConnectionOverflow",
+    "ReplayWriteFailed",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INVALID_TEXT",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_MESSAGE_TOO_BIG",
+]
+
+logger = logging.getLogger("safe_fast.server")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_ABNORMAL = 1006
+CLOSE_INVALID_TEXT = 1007
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+MAX_PENDING_MESSAGES = 1024
+"""Messages a connection may have waiting behind a slow hook before it is closed (1008)."""
+
+
+# -- observability events ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened:
+    connection_id: str
+    context: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    connection_id: str
+    code: int
+    reason: str
+    context: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOverflow:
+    connection_id: str
+    buffered_amount: int
+    max_buffered_bytes: int
+    context: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayWriteFailed:
+    share_data_id: str
+    operation: str
+    error: BaseException
+
+
+def _error_text(exc: BaseException) -> str:
+    # KeyError quotes its message; the wire wants the words themselves.
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+# -- the server-wide part ------------------------------------------------------------
+
+
+class ServerHub:
+    """Everything the connections of one server share, and the broadcast path."""
+
+    def __init__(
+        self,
+        *,
+        manager: Any,
+        registry: ChannelRegistry,
+        replay_store: ReplayStore,
+        flusher: Any,
+        resolve_function: Optional[Callable[..., Any]] = None,
+        authorize_subscribe: Optional[Callable[..., Any]] = None,
+        authorize_propose: Optional[Callable[..., Any]] = None,
+        max_buffered_bytes: int = 1024 * 1024,
+        close_timeout: float = 5.0,
+        events: Optional[EventEmitter] = None,
+    ) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.replay_store = replay_store
+        self.flusher = flusher
+        self.resolve_function = resolve_function
+        self.authorize_subscribe = authorize_subscribe
+        self.authorize_propose = authorize_propose
+        self.max_buffered_bytes = max_buffered_bytes
+        self.close_timeout = close_timeout
+        self.events = events if events is not None else EventEmitter()
+        self.connections: dict[str, ServerConnection] = {}
+        self._attached = False
+        self._remove_channel = getattr(registry, "remove_channel", None)
+
+    # manager wiring
+
+    def attach(self) -> None:
+        if not self._attached:
+            self._attached = True
+            self.manager.on("share-data:transaction", self._on_transaction)
+            self.manager.on("share-data:updated", self._on_updated)
+            self.manager.on("share-data:removed", self._on_removed)
+
+    def detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self.manager.off("share-data:transaction", self._on_transaction)
+            self.manager.off("share-data:updated", self._on_updated)
+            self.manager.off("share-data:removed", self._on_removed)
+
+    # the broadcast path
+
+    def _on_transaction(self, event: Any) -> None:
+        share_data_id = event.share_data_id
+        # Recorded before the broadcast, so a subscriber that resumes from the
+        # id it just received finds it in the window.
+        self._store_call("record", share_data_id, ReplayEntry(event.transaction_id, event.accepted))
+        self.broadcast(
+            share_data_id,
+            TransactionFrame(share_data_id, event.transaction_id, event.accepted, event.current_state),
+        )
+
+    def _on_updated(self, event: Any) -> None:
+        self.broadcast(event.share_data_id, LifecycleFrame(event.share_data_id, "updated", event.current_state))
+
+    def _on_removed(self, event: Any) -> None:
+        share_data_id = event.share_data_id
+        self._store_call("forget", share_data_id)
+        self.broadcast(share_data_id, LifecycleFrame(share_data_id, "removed"))
+        # Terminal: nobody stays subscribed to a ShareData that is gone.
+        for connection in self.connections.values():
+            connection.subscriptions.discard(share_data_id)
+        if self._remove_channel is not None:
+            self._run_hook(self._remove_channel(share_data_id), "registry.remove_channel")
+
+    def broadcast(self, share_data_id: str, message: ServerMessage) -> None:
+        """Hand ``message`` to the registry; never raises into the manager."""
+        try:
+            result = self.registry.broadcast(share_data_id, message)
+        except EncodeError as exc:
+            logger.error("cannot broadcast %s for %r: %s", message.type, share_data_id, exc)
+            return
+        except Exception:
+            logger.exception("registry.broadcast failed for %r", share_data_id)
+            return
+        self._run_hook(result, "registry.broadcast")
+
+    def _store_call(self, operation: str, share_data_id: str, *args: Any) -> None:
+        try:
+            result = getattr(self.replay_store, operation)(share_data_id, *args)
+        except Exception as exc:
+            self._replay_failed(share_data_id, operation, exc)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(
+                lambda t: None
+                if t.cancelled() or t.exception() is None
+                else self._replay_failed(share_data_id, operation, t.exception())
+            )
+
+    def _replay_failed(self, share_data_id: str, operation: str, error: BaseException) -> None:
+        logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
+        self.events.emit("replay:write-failed", ReplayWriteFailed(share_data_id, operation, error))
+
+    @staticmethod
+    def _run_hook(result: Any, what: str) -> None:
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(
+                lambda t: None
+                if t.cancelled() or t.exception() is None
+                else logger.error("%s failed", what, exc_info=t.exception())
+            )
+
+
+# -- one connection --------------------------------------------------------------------
+
+_AUTHENTICATING, _OPEN, _CLOSING, _CLOSED = range(4)
+
+
+class ServerConnection(core.Outbox):
+    """One client connection: protocol decisions plus its coalescing outbox."""
+
+    def __init__(
+        self,
+        hub: ServerHub,
+        control: Any,
+        write_transport: Any,
+        *,
+        context: Any = None,
+        authenticating: bool = False,
+        connection_id: Optional[str] = None,
+    ) -> None:
+        super().__init__(write_transport, hub.flusher, hub.max_buffered_bytes)
+        self.hub = hub
+        self.control = control
+        self.id = connection_id or str(uuid.uuid4())
+        self.context = context
+        self.subscriptions: set[str] = set()
+        self.awaiting_pong = False
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+        self._state = _AUTHENTICATING if authenticating else _OPEN
+        self._inbox: deque[tuple[bytes, bool]] = deque()
+        self._worker: Optional[asyncio.Task[None]] = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.id}>"
+
+    # Outbox protocol
+
+    def send_message(self, message: ServerMessage) -> bool:
+        """Encode and queue one message for this connection only."""
+        return self.send_frame(core.encode_frame(encode_message(message)))
+
+    def on_overflow(self, buffered_amount: int) -> None:
+        self.hub.events.emit(
+            "connection:overflow",
+            ConnectionOverflow(self.id, buffered_amount, self.max_buffered_bytes, self.context),
+        )
+        # The frame is dropped; what is queued would only deepen the backlog.
+        self.close(CLOSE_FELL_BEHIND, CLOSE_REASONS[CLOSE_FELL_BEHIND], flush=False)
+
+    # lifecycle
+
+    @property
+    def is_authenticating(self) -> bool:
+        return self._state == _AUTHENTICATING
+
+    @property
+    def is_closing(self) -> bool:
+        return self._state >= _CLOSING
+
+    def opened(self) -> None:
+        """The upgrade completed (and, for an async ``authenticate``, resolved)."""
+        self.hub.connections[self.id] = self
+        if self._state == _AUTHENTICATING:
+            return
+        self.hub.events.emit("connection:opened", ConnectionOpened(self.id, self.context))
+
+    def authenticated(self, context: Any) -> None:
+        """An async ``authenticate`` accepted: process what arrived meanwhile."""
+        if self._state != _AUTHENTICATING:
+            return
+        self.context = context
+        self._state = _OPEN
+        self.hub.events.emit("connection:opened", ConnectionOpened(self.id, self.context))
+        self._ensure_worker()
+
+    def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
+        """Send a close frame, stop taking frames; disconnect on the peer's reply or a timeout."""
+        if self._state >= _CLOSING:
+            return
+        self._state = _CLOSING
+        self._inbox.clear()
+        self.close_outbox(flush)
+        self._leave_channels()
+        try:
+            self.control.send_close(code, reason.encode())
+        except Exception:
+            logger.debug("send_close failed on %s", self.id, exc_info=True)
+        self.call_later(self.hub.close_timeout, self.abort)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now (a peer that does not answer)."""
+        try:
+            self.control.disconnect(False)
+        except Exception:
+            logger.debug("disconnect failed on %s", self.id, exc_info=True)
+
+    def disconnected(self, code: int, reason: str) -> None:
+        """The transport is gone: forget the connection everywhere."""
+        if self._state == _CLOSED:
+            return
+        was_open = self._state != _AUTHENTICATING or self.close_code is not None
+        self._state = _CLOSED
+        self.close_code, self.close_reason = code, reason
+        self._inbox.clear()
+        self.close_outbox(False)
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._leave_channels()
+        self.hub.connections.pop(self.id, None)
+        if was_open:
+            self.hub.events.emit("connection:closed", ConnectionClosed(self.id, code, reason, self.context))
+
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> None:
+        self._timers.append(self.hub.flusher.loop.call_later(delay, callback))
+
+    def _leave_channels(self) -> None:
+        if self.subscriptions:
+            self.subscriptions.clear()
+            self.hub._run_hook(self.hub.registry.remove_connection(self), "registry.remove_connection")
+
+    # incoming
+
+    def receive_message(self, payload: bytes, binary: bool = False) -> None:
+        """One complete WebSocket data message from the peer."""
+        if self._state >= _CLOSING:
+            return  # frames after a close are ignored
+        if self._worker is None and self._state == _OPEN:
+            try:
+                message = parse_client_message(payload)
+            except InvalidMessage as exc:
+                self._reject(exc, binary)
+                return
+            if isinstance(message, Ping):
+                self.send_message(PongFrame(message.correlation_id))
+                return
+            if isinstance(message, Unsubscribe):
+                self._unsubscribe(message)
+                return
+            self._inbox.append((payload, binary))
+            self._ensure_worker()
+            return
+        if len(self._inbox) >= MAX_PENDING_MESSAGES:
+            self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
+            return
+        self._inbox.append((payload, binary))
+        if self._state == _OPEN:
+            self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None and self._inbox:
+            self._worker = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._inbox and self._state == _OPEN:
+                payload, binary = self._inbox.popleft()
+                try:
+                    await self._handle(payload, binary)
+                except Exception:
+                    logger.exception("unexpected failure handling a message on %s", self.id)
+        finally:
+            self._worker = None
+
+    async def _handle(self, payload: bytes, binary: bool) -> None:
+        try:
+            message = parse_client_message(payload)
+        except InvalidMessage as exc:
+            self._reject(exc, binary)
+            return
+        if isinstance(message, Subscribe):
+            await self._subscribe(message)
+        elif isinstance(message, Propose):
+            await self._propose(message)
+        elif isinstance(message, Ping):
+            self.send_message(PongFrame(message.correlation_id))
+        else:
+            self._unsubscribe(message)
+
+    def _reject(self, exc: InvalidMessage, binary: bool) -> None:
+        if not binary and exc.problems == ["message: not valid UTF-8"]:
+            # Invalid UTF-8 in a text frame is a WebSocket-level error (RFC 6455 §8.1).
+            self.close(CLOSE_INVALID_TEXT, "invalid UTF-8")
+            return
+        self.send_message(ErrorFrame("invalid-message", str(exc)))
+        self.close(CLOSE_INVALID_MESSAGE, CLOSE_REASONS[CLOSE_INVALID_MESSAGE])
+
+    # the four messages
+
+    def _unsubscribe(self, message: Unsubscribe) -> None:
+        share_data_id = message.share_data_id
+        if share_data_id in self.subscriptions:
+            self.subscriptions.discard(share_data_id)
+            self.hub._run_hook(self.hub.registry.unsubscribe(share_data_id, self), "registry.unsubscribe")
+
+    async def _subscribe(self, message: Subscribe) -> None:
+        hub = self.hub
+        share_data_id = message.share_data_id
+        if hub.manager.get_share_data_by_id(share_data_id) is None:
+            self.send_message(ErrorFrame("unknown-share-data", f"shareDataId {share_data_id} not found"))
+            self.close(CLOSE_UNKNOWN_SHARE_DATA, CLOSE_REASONS[CLOSE_UNKNOWN_SHARE_DATA])
+            return
+        if hub.authorize_subscribe is not None:
+            try:
+                allowed = await _resolve(hub.authorize_subscribe(self.context, share_data_id))
+            except Exception as exc:
+                self.send_message(ErrorFrame("unauthorized-subscribe", f"authorizer threw: {_error_text(exc)}"))
+                return
+            if not allowed:
+                self.send_message(
+                    ErrorFrame("unauthorized-subscribe", f"not authorized to subscribe to {share_data_id}")
+                )
+                return
+        if self._state != _OPEN:
+            return
+        # Read the ShareData again: the authorizer may have awaited while it changed.
+        share_data = hub.manager.get_share_data_by_id(share_data_id)
+        if share_data is None:
+            self.send_message(ErrorFrame("unknown-share-data", f"shareDataId {share_data_id} not found"))
+            self.close(CLOSE_UNKNOWN_SHARE_DATA, CLOSE_REASONS[CLOSE_UNKNOWN_SHARE_DATA])
+            return
+        # Register and snapshot with no await in between: every later
+        # transaction reaches this connection live, every earlier one is in
+        # the snapshot.
+        if share_data_id not in self.subscriptions:
+            self.subscriptions.add(share_data_id)
+            registered = hub.registry.subscribe(share_data_id, self)
+        else:
+            registered = None
+        try:
+            sent = self.send_message(
+                StateFrame(share_data_id, share_data.current_state, share_data.last_transaction_id)
+            )
+        except EncodeError as exc:
+            logger.error("cannot encode the state of %r: %s", share_data_id, exc)
+            self.send_message(ErrorFrame("internal-error", f"state of {share_data_id} cannot be encoded"))
+            return
+        if inspect.isawaitable(registered):
+            await registered
+        if not sent or not message.since:
+            return  # since "" means no cursor
+        since = message.since
+        try:
+            entries = await _resolve(hub.replay_store.entries_since(share_data_id, since))
+        except Exception as exc:
+            logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            entries = None
+        if entries is None:
+            self.send_message(
+                ErrorFrame(
+                    "replay-cursor-not-found",
+                    f"since={since} not present in retained replay window; skipping replay",
+                )
+            )
+            return
+        for entry in entries:
+            self.send_message(TransactionFrame(share_data_id, entry.transaction_id, entry.accepted, replayed=True))
+
+    async def _propose(self, message: Propose) -> None:
+        hub = self.hub
+        share_data_id, function_id = message.share_data_id, message.function_id
+
+        def reject(error: str) -> None:
+            self.send_message(ProposalResultFrame(message.correlation_id, False, error=error))
+
+        if hub.manager.get_share_data_by_id(share_data_id) is None:
+            return reject(f"shareDataId {share_data_id} not found")
+        if hub.authorize_propose is not None:
+            try:
+                allowed = await _resolve(hub.authorize_propose(self.context, share_data_id, function_id))
+            except Exception as exc:
+                return reject(f"unauthorized-propose: {_error_text(exc)}")
+            if not allowed:
+                return reject(f"unauthorized-propose: not allowed to invoke {function_id} on {share_data_id}")
+        if hub.resolve_function is None:
+            return reject("propose is not enabled on this server (no resolveFunction configured)")
+        try:
+            function = await _resolve(hub.resolve_function(share_data_id, function_id))
+        except Exception as exc:
+            return reject(f"resolveFunction threw: {_error_text(exc)}")
+        if not function:
+            return reject(f"unknown functionId {function_id} for shareDataId {share_data_id}")
+        try:
+            outcome = await hub.manager.apply_transaction(
+                share_data_id, message.proposed_data, function, message.proof
+            )
+        except Exception as exc:
+            return reject(_error_text(exc))
+        # The transaction frame reaches subscribers through the manager event.
+        self.send_message(
+            ProposalResultFrame(message.correlation_id, outcome.accepted, transaction_id=outcome.transaction_id)
+        )
+
+    # liveness
+
+    def heartbeat(self) -> None:
+        """One heartbeat tick: ping, or terminate if the last ping went unanswered."""
+        if self._state >= _CLOSING:
+            return
+        if self.awaiting_pong:
+            logger.info("connection %s missed a heartbeat; terminating", self.id)
+            self.abort()
+            return
+        self.awaiting_pong = True
+        try:
+            self.control.send_ping()
+        except Exception:
+            self.abort()
+
+    def pong_received(self) -> None:
+        self.awaiting_pong = False

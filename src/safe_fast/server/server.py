@@ -1,0 +1,417 @@
+"""The picows adapter: sockets in, the connection protocol decides, bytes out.
+
+This module only moves bytes and schedules things: it turns the HTTP upgrade
+into an :class:`UpgradeRequest` for ``authenticate``, assembles fragmented
+messages, maps WebSocket control frames, runs the heartbeat timer and owns
+the listening socket. Every protocol decision is made in ``connection.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qsl, urlsplit
+
+import picows
+from multidict import CIMultiDictProxy
+
+from .._backend import core
+from .._events import EventEmitter, Listener
+from ..messages import CLOSE_UNAUTHORIZED
+from ..registry import ChannelRegistry, InMemoryChannelRegistry
+from ..replay import InMemoryReplayStore, ReplayStore
+from .connection import (
+    CLOSE_ABNORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_NORMAL,
+    ServerConnection,
+    ServerHub,
+)
+from .request import UpgradeRequest
+
+__all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
+
+logger = logging.getLogger("safe_fast.server")
+
+_TEXT = picows.WSMsgType.TEXT
+_BINARY = picows.WSMsgType.BINARY
+_CONTINUATION = picows.WSMsgType.CONTINUATION
+_CLOSE = picows.WSMsgType.CLOSE
+_PONG = picows.WSMsgType.PONG
+
+READ_BUFFER_SIZE = 2048
+"""Initial read buffer per connection. picows grows it on demand; clients of
+this protocol send small messages, so the 16 KiB default mostly sits idle."""
+
+
+def use_uvloop() -> bool:
+    """Install uvloop's event loop policy when it is available; True if it was."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def _close_code(value: Any) -> int:
+    return int(getattr(value, "value", value))
+
+
+class _Listener(picows.WSListener):  # type: ignore[misc]
+    """Feeds one picows connection into a :class:`ServerConnection`."""
+
+    def __init__(self, server: "RealtimeServer", request: UpgradeRequest, context: Any, pending_auth: Any) -> None:
+        super().__init__()
+        self.server = server
+        self.request = request
+        self.context = context
+        self.pending_auth = pending_auth
+        self.connection: Optional[ServerConnection] = None
+        self.fragments: Optional[bytearray] = None
+        self.fragments_binary = False
+
+    def on_ws_connected(self, transport: picows.WSTransport) -> None:
+        server = self.server
+        connection = ServerConnection(
+            server._hub,
+            _Control(transport),
+            transport.underlying_transport,
+            context=self.context,
+            authenticating=self.pending_auth is not None,
+        )
+        self.connection = connection
+        connection.opened()
+        if self.pending_auth is not None:
+            task = asyncio.ensure_future(server._finish_auth(connection, self.pending_auth))
+            server._tasks.add(task)
+            task.add_done_callback(server._tasks.discard)
+            self.pending_auth = None
+        else:
+            server._watch_expiry(connection)
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        msg_type = frame.msg_type
+        if msg_type == _TEXT or msg_type == _BINARY:
+            if frame.fin:
+                if self.fragments is not None:
+                    connection.close(1002, "expected a continuation frame")
+                    return
+                connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
+            else:
+                self.fragments = bytearray(frame.get_payload_as_memoryview())
+                self.fragments_binary = msg_type == _BINARY
+        elif msg_type == _CONTINUATION:
+            if self.fragments is None:
+                connection.close(1002, "unexpected continuation frame")
+                return
+            self.fragments += frame.get_payload_as_memoryview()
+            if len(self.fragments) > self.server.max_message_size:
+                self.fragments = None
+                connection.close(CLOSE_MESSAGE_TOO_BIG, "message too big")
+                return
+            if frame.fin:
+                payload, self.fragments = bytes(self.fragments), None
+                connection.receive_message(payload, self.fragments_binary)
+        elif msg_type == _PONG:
+            connection.pong_received()
+        elif msg_type == _CLOSE:
+            if not connection.is_closing:
+                code = _close_code(frame.get_close_code())
+                # Echo the peer's code (RFC 6455 §5.5.1); a close without one gets 1000.
+                connection.close(code if code >= 1000 else CLOSE_NORMAL, "")
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        handshake = transport.close_handshake
+        info = None
+        if handshake is not None:
+            info = handshake.recv or handshake.sent
+        if info is not None:
+            connection.disconnected(_close_code(info.code), info.reason)
+        else:
+            connection.disconnected(CLOSE_ABNORMAL, "")
+
+
+class _Control:
+    """The control seam of :class:`ServerConnection` over a picows transport."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: picows.WSTransport) -> None:
+        self.transport = transport
+
+    def send_close(self, code: int, reason: bytes) -> None:
+        self.transport.send_close(code, reason)
+
+    def disconnect(self, graceful: bool = True) -> None:
+        self.transport.disconnect(graceful)
+
+    def send_ping(self) -> None:
+        self.transport.send_ping()
+
+
+class RealtimeServer:
+    """A running realtime server; see :func:`attach_realtime_server`.
+
+    ``close()`` is idempotent; ``async with`` closes on exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        manager: Any,
+        authenticate: Callable[[UpgradeRequest], Any],
+        path: str,
+        resolve_function: Optional[Callable[..., Any]],
+        authorize_subscribe: Optional[Callable[..., Any]],
+        authorize_propose: Optional[Callable[..., Any]],
+        registry: ChannelRegistry,
+        replay_store: ReplayStore,
+        max_buffered_bytes: int,
+        heartbeat_interval: Optional[float],
+        max_message_size: int,
+        close_on_token_expiry: bool,
+        close_timeout: float,
+    ) -> None:
+        self.manager = manager
+        self.authenticate = authenticate
+        self.path = path
+        self.registry = registry
+        self.replay_store = replay_store
+        self.heartbeat_interval = heartbeat_interval
+        self.max_message_size = max_message_size
+        self.close_on_token_expiry = close_on_token_expiry
+        self._events = EventEmitter()
+        self._loop = asyncio.get_running_loop()
+        self._hub = ServerHub(
+            manager=manager,
+            registry=registry,
+            replay_store=replay_store,
+            flusher=core.Flusher(self._loop),
+            resolve_function=resolve_function,
+            authorize_subscribe=authorize_subscribe,
+            authorize_propose=authorize_propose,
+            max_buffered_bytes=max_buffered_bytes,
+            close_timeout=close_timeout,
+            events=self._events,
+        )
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._heartbeat: Optional[asyncio.TimerHandle] = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._closing: Optional[asyncio.Future[None]] = None
+        self.host = ""
+        self.port = 0
+
+    # public surface
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self.path}"
+
+    @property
+    def connections(self) -> list[ServerConnection]:
+        """The open connections (a snapshot)."""
+        return list(self._hub.connections.values())
+
+    def on(self, event: str, listener: Listener) -> Listener:
+        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        return self._events.on(event, listener)
+
+    def off(self, event: str, listener: Listener) -> None:
+        self._events.off(event, listener)
+
+    async def close(self) -> None:
+        """Close every connection with 1001, detach from the manager, stop listening."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        self._closing = self._loop.create_future()
+        try:
+            self._closed = True
+            self._hub.detach()
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+            if self._server is not None:
+                self._server.close()
+            for connection in self.connections:
+                connection.close(CLOSE_GOING_AWAY, "server shutting down")
+            self._hub.flusher.flush_all()
+            deadline = self._loop.time() + self._hub.close_timeout
+            while self._hub.connections and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            for connection in self.connections:
+                connection.abort()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._server is not None:
+                await self._server.wait_closed()
+        finally:
+            self._closing.set_result(None)
+
+    async def __aenter__(self) -> "RealtimeServer":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # internals
+
+    async def _start(self, host: str, port: int, sock: Optional[socket.socket]) -> None:
+        kwargs: dict[str, Any] = {}
+        if sock is not None:
+            kwargs["sock"] = sock
+            host_arg, port_arg = None, None
+        else:
+            host_arg, port_arg = host, port
+        self._server = await picows.ws_create_server(
+            self._route,
+            host_arg,
+            port_arg,
+            websocket_handshake_timeout=10,
+            max_frame_size=self.max_message_size,
+            read_buffer_init_size=READ_BUFFER_SIZE,
+            enable_auto_pong=True,
+            logger_name="safe_fast.server.picows",
+            **kwargs,
+        )
+        bound = self._server.sockets[0].getsockname()
+        self.host, self.port = bound[0], bound[1]
+        self._hub.attach()
+        if self.heartbeat_interval:
+            self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
+
+    def _route(self, request: picows.WSUpgradeRequest) -> Any:
+        """picows' listener factory: decides the upgrade synchronously."""
+        if self._closed:
+            return picows.WSUpgradeResponseWithListener(
+                picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
+            )
+        target = request.path.decode("latin-1")
+        if urlsplit(target).path != self.path:
+            return None  # 404
+        upgrade = UpgradeRequest(
+            path=target,
+            query=dict(parse_qsl(urlsplit(target).query, keep_blank_values=True)),
+            headers=CIMultiDictProxy(request.headers),
+            remote_address=None,
+        )
+        try:
+            context = self.authenticate(upgrade)
+        except Exception:
+            logger.debug("authenticate raised; answering 401", exc_info=True)
+            return _unauthorized()
+        if inspect.isawaitable(context):
+            # picows cannot await here: upgrade now, hold frames until it resolves.
+            return _Listener(self, upgrade, None, context)
+        if not context:
+            return _unauthorized()
+        return _Listener(self, upgrade, context, None)
+
+    async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
+        try:
+            context = await pending
+        except Exception:
+            logger.debug("async authenticate raised; closing with 4002", exc_info=True)
+            context = None
+        if connection.is_closing:
+            return
+        if not context:
+            connection.close(CLOSE_UNAUTHORIZED, "unauthorized")
+            return
+        connection.authenticated(context)
+        self._watch_expiry(connection)
+
+    def _watch_expiry(self, connection: ServerConnection) -> None:
+        if not self.close_on_token_expiry:
+            return
+        expires_at = getattr(connection.context, "expires_at", None)
+        if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool):
+            delay = max(0.0, float(expires_at) - time.time())
+            connection.call_later(delay, lambda: connection.close(CLOSE_UNAUTHORIZED, "token expired"))
+
+    def _beat(self) -> None:
+        for connection in self.connections:
+            connection.heartbeat()
+        if not self._closed and self.heartbeat_interval:
+            self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
+
+
+def _unauthorized() -> Any:
+    return picows.WSUpgradeResponseWithListener(
+        picows.WSUpgradeResponse.create_error_response(HTTPStatus.UNAUTHORIZED, b"401 Unauthorized"), None
+    )
+
+
+async def attach_realtime_server(
+    *,
+    manager: Any,
+    authenticate: Callable[[UpgradeRequest], Any],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    path: str = "/realtime",
+    resolve_function: Optional[Callable[..., Any]] = None,
+    authorize_subscribe: Optional[Callable[..., Any]] = None,
+    authorize_propose: Optional[Callable[..., Any]] = None,
+    registry: Optional[ChannelRegistry] = None,
+    replay_store: Optional[ReplayStore] = None,
+    replay_buffer_size: int = 100,
+    max_buffered_bytes: int = 1024 * 1024,
+    heartbeat_interval: Optional[float] = 30.0,
+    max_message_size: int = 8 * 1024 * 1024,
+    sock: Optional[socket.socket] = None,
+    close_on_token_expiry: bool = True,
+    close_timeout: float = 5.0,
+) -> RealtimeServer:
+    """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
+
+    ``authenticate(request)`` runs at every upgrade: a falsy result or an
+    exception answers HTTP 401. A coroutine ``authenticate`` cannot be awaited
+    inside picows' synchronous upgrade, so such connections upgrade first,
+    process no frame until it resolves, and are closed with 4002 if it
+    rejects. ``heartbeat_interval=None`` turns heartbeats off. When the
+    context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
+    ``close_on_token_expiry`` is true, the connection is closed with 4002 at
+    that time. ``close_timeout`` bounds how long a closing connection may take
+    to answer the close handshake before it is dropped.
+    """
+    if not callable(authenticate):
+        raise TypeError("authenticate must be callable")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("path must be a string starting with '/'")
+    for name, value in (("max_buffered_bytes", max_buffered_bytes), ("max_message_size", max_message_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int")
+    if heartbeat_interval is not None and not heartbeat_interval > 0:
+        raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    server = RealtimeServer(
+        manager=manager,
+        authenticate=authenticate,
+        path=path,
+        resolve_function=resolve_function,
+        authorize_subscribe=authorize_subscribe,
+        authorize_propose=authorize_propose,
+        registry=registry if registry is not None else InMemoryChannelRegistry(),
+        replay_store=replay_store if replay_store is not None else InMemoryReplayStore(replay_buffer_size),
+        max_buffered_bytes=max_buffered_bytes,
+        heartbeat_interval=heartbeat_interval,
+        max_message_size=max_message_size,
+        close_on_token_expiry=close_on_token_expiry,
+        close_timeout=close_timeout,
+    )
+    await server._start(host, port, sock)
+    return server

@@ -1,0 +1,520 @@
+"""The SAFE data model: share functions, ShareData and their manager.
+
+A :class:`ShareData` holds a ``current_state`` that changes only through
+transactions: a :class:`ShareFunction`'s rule judges each proposal against
+the current state, and every outcome, accepted or rejected, is appended to an
+unbounded, hash-chained transaction history that serves as an audit log.
+
+:class:`ShareDataManager` owns the ShareData of a process, serializes the
+transactions of each one and reports every change to its listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._events import EventEmitter, Listener
+
+__all__ = [
+    "GENESIS_HASH",
+    "RuleError",
+    "ShareData",
+    "ShareDataEvent",
+    "ShareDataManager",
+    "ShareFunction",
+    "TransactionOutcome",
+    "TransactionRecord",
+]
+
+#: ``prev_hash`` of the first record of every transaction history.
+GENESIS_HASH = "0" * 64
+
+Rule = Callable[[Any, Any], bool | Awaitable[bool]]
+
+_EVENTS = frozenset(
+    {
+        "share-data:added",
+        "share-data:updated",
+        "share-data:removed",
+        "share-data:transaction",
+    }
+)
+
+
+class RuleError(Exception):
+    """A share function's rule raised while judging a proposal.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ShareFunction:
+    """A rule deciding whether a proposal may replace the current state.
+
+    ``rule(current_state, proposed_data)`` returns a truthy value to accept;
+    it may be a coroutine function. Rules should be pure predicates: see
+    :meth:`ShareDataManager.apply_transaction` for when one runs again.
+    A function whose ``id`` is ``None`` is not reachable over the wire.
+    """
+
+    id: str | None
+    rule: Rule
+    name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise TypeError("ShareFunction.id must be a non-empty string or None")
+        if not callable(self.rule):
+            raise TypeError("ShareFunction.rule must be callable")
+        if self.name is not None and not isinstance(self.name, str):
+            raise TypeError("ShareFunction.name must be a string or None")
+
+    @property
+    def label(self) -> str:
+        """The name used in messages: ``name``, else ``id``, else the rule's."""
+        if self.name:
+            return self.name
+        if self.id is not None:
+            return self.id
+        return getattr(self.rule, "__qualname__", None) or repr(self.rule)
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionRecord:
+    """One entry of a ShareData's transaction history.
+
+    ``hash`` is the hex SHA-256 of the canonical encoding of every other
+    field, ``prev_hash`` included, which chains each record to the previous
+    one. ``timestamp`` is in seconds since the epoch.
+    """
+
+    transaction_id: str
+    function_id: str | None
+    proposed_data: Any
+    accepted: bool
+    timestamp: float
+    proof: Any
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionOutcome:
+    """What :meth:`ShareDataManager.apply_transaction` decided."""
+
+    accepted: bool
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShareDataEvent:
+    """The single argument given to :class:`ShareDataManager` listeners.
+
+    ``transaction_id`` and ``accepted`` are set for ``share-data:transaction``
+    only; ``current_state`` is the state after the change, and ``None`` for
+    ``share-data:removed``; ``share_data`` is the ShareData concerned (for
+    ``share-data:removed``, the one that was removed).
+    """
+
+    type: str
+    share_data_id: str
+    transaction_id: str | None = None
+    accepted: bool | None = None
+    current_state: Any = None
+    share_data: ShareData | None = None
+
+
+class ShareData:
+    """A piece of shared state with its functions and its audit log.
+
+    ``transaction_history`` and the data it refers to must be treated as
+    read-only: records keep a reference to the proposed data rather than a
+    copy (large states would be copied on every transaction), so mutating a
+    state in place afterwards is indistinguishable from tampering and
+    :meth:`verify_chain` reports it. Replace states; don't mutate them.
+    """
+
+    __slots__ = (
+        "id",
+        "public_key",
+        "current_state",
+        "functions",
+        "transaction_history",
+        "_head_hash",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        public_key: str | None = None,
+        *,
+        current_state: Any = None,
+        functions: Iterable[ShareFunction] = (),
+    ) -> None:
+        if not isinstance(id, str) or not id:
+            raise TypeError("ShareData.id must be a non-empty string")
+        if public_key is not None and not isinstance(public_key, str):
+            raise TypeError("ShareData.public_key must be a string or None")
+        if isinstance(functions, (str, bytes)) or not isinstance(functions, Iterable):
+            raise TypeError("ShareData.functions must be an iterable of ShareFunction")
+        functions = list(functions)
+        seen: set[str] = set()
+        for index, function in enumerate(functions):
+            if not isinstance(function, ShareFunction):
+                raise TypeError(
+                    f"ShareData.functions[{index}] must be a ShareFunction, "
+                    f"got {type(function).__name__}"
+                )
+            # Functions are resolved by id: a duplicate would make one of
+            # them silently unreachable.
+            if function.id is not None:
+                if function.id in seen:
+                    raise ValueError(f"ShareData.functions has duplicate id {function.id!r}")
+                seen.add(function.id)
+
+        self.id = id
+        self.public_key = public_key
+        self.current_state = current_state
+        self.functions: list[ShareFunction] = functions
+        self.transaction_history: list[TransactionRecord] = []
+        # Hash of the last record appended through _append. The chain alone
+        # cannot reveal that its tail was cut off; this anchor can.
+        self._head_hash = GENESIS_HASH
+
+    def __repr__(self) -> str:
+        return f"<ShareData id={self.id!r} transactions={len(self.transaction_history)}>"
+
+    @property
+    def last_transaction_id(self) -> str | None:
+        """Id of the last record of the history, or ``None`` if it is empty."""
+        if not self.transaction_history:
+            return None
+        return self.transaction_history[-1].transaction_id
+
+    def verify_chain(self) -> bool:
+        """Tell whether the history is exactly what was appended to it.
+
+        Detects the edit of any field of any record, reordering, insertion
+        and removal, including of the last records.
+        """
+        prev_hash = GENESIS_HASH
+        for index, record in enumerate(self.transaction_history, 1):
+            if (
+                type(record) is not TransactionRecord
+                or record.transaction_id != str(index)
+                or record.prev_hash != prev_hash
+            ):
+                return False
+            try:
+                expected = _record_hash(record)
+            except ValueError:
+                # Only data that was edited after the fact can fail to encode:
+                # appending it would have failed.
+                return False
+            if record.hash != expected:
+                return False
+            prev_hash = record.hash
+        return prev_hash == self._head_hash
+
+    def _append(
+        self,
+        function_id: str | None,
+        proposed_data: Any,
+        accepted: bool,
+        proof: Any,
+    ) -> TransactionRecord:
+        transaction_id = str(len(self.transaction_history) + 1)
+        timestamp = time.time()
+        prev_hash = self._head_hash
+        digest = _hash_fields(
+            transaction_id, function_id, proposed_data, accepted, timestamp, proof, prev_hash
+        )
+        record = TransactionRecord(
+            transaction_id=transaction_id,
+            function_id=function_id,
+            proposed_data=proposed_data,
+            accepted=accepted,
+            timestamp=timestamp,
+            proof=proof,
+            prev_hash=prev_hash,
+            hash=digest,
+        )
+        self.transaction_history.append(record)
+        self._head_hash = digest
+        return record
+
+
+class _LockEntry:
+    """A per-id lock that lives only as long as someone uses it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class ShareDataManager:
+    """The ShareData of a process, by id, and the events about them.
+
+    Events (each listener receives one :class:`ShareDataEvent`):
+    ``share-data:added``, ``share-data:updated``, ``share-data:removed`` and
+    ``share-data:transaction``. Listeners may be coroutine functions; one that
+    raises is logged and disturbs neither the manager nor other listeners.
+    """
+
+    __slots__ = ("_share_data", "_locks", "_emitter")
+
+    def __init__(self) -> None:
+        self._share_data: dict[str, ShareData] = {}
+        self._locks: dict[str, _LockEntry] = {}
+        self._emitter = EventEmitter()
+
+    def on(self, event: str, listener: Listener) -> Listener:
+        """Register *listener* for *event*; returns it, so it can decorate."""
+        if event not in _EVENTS:
+            raise ValueError(f"unknown event {event!r}; expected one of {sorted(_EVENTS)}")
+        return self._emitter.on(event, listener)
+
+    def off(self, event: str, listener: Listener) -> None:
+        """Remove one registration of *listener*; unknown ones are ignored."""
+        self._emitter.off(event, listener)
+
+    def get_share_data_by_id(self, share_data_id: str) -> ShareData | None:
+        return self._share_data.get(share_data_id)
+
+    def add_share_data(self, share_data: ShareData) -> None:
+        """Add *share_data*; raise :exc:`ValueError` if its id is taken."""
+        _check_share_data(share_data)
+        if share_data.id in self._share_data:
+            raise ValueError(f"ShareData {share_data.id!r} already exists")
+        self._share_data[share_data.id] = share_data
+        self._emit("share-data:added", share_data)
+
+    def update_share_data(self, share_data: ShareData) -> None:
+        """Replace the ShareData with the same id wholesale.
+
+        Raise :exc:`KeyError` if there is none.
+        """
+        _check_share_data(share_data)
+        if share_data.id not in self._share_data:
+            raise KeyError(_not_found(share_data.id))
+        self._share_data[share_data.id] = share_data
+        self._emit("share-data:updated", share_data)
+
+    def remove_share_data_by_id(self, share_data_id: str) -> bool:
+        """Remove a ShareData; return whether there was one."""
+        share_data = self._share_data.pop(share_data_id, None)
+        if share_data is None:
+            return False
+        self._emitter.emit(
+            "share-data:removed",
+            ShareDataEvent("share-data:removed", share_data_id, share_data=share_data),
+        )
+        return True
+
+    async def apply_transaction(
+        self,
+        share_data_id: str,
+        proposed_data: Any,
+        function: ShareFunction,
+        proof: Any = None,
+    ) -> TransactionOutcome:
+        """Judge *proposed_data* with *function* and record the outcome.
+
+        If the rule accepts, *proposed_data* becomes the current state. The
+        record is appended either way, then ``share-data:transaction`` is
+        emitted, before any other transaction on that id can be recorded.
+
+        Transactions on one id run one at a time, so each rule sees the state
+        its proposal would replace. If, while an async rule runs, the
+        ShareData is replaced or its state is changed directly, the verdict
+        is about a state that no longer exists: the rule is evaluated again
+        against the current object, so nothing is ever recorded on a stale
+        verdict. If the ShareData is removed meanwhile, nothing is recorded.
+
+        Raise :exc:`KeyError` if there is no ShareData with this id (or it is
+        removed before the outcome is recorded), :exc:`RuleError` if the rule
+        raises, and :exc:`ValueError` if the data is nested too deeply to be
+        hashed; in every case nothing is recorded.
+        """
+        if not isinstance(function, ShareFunction):
+            raise TypeError(f"function must be a ShareFunction, got {type(function).__name__}")
+        if share_data_id not in self._share_data:
+            raise KeyError(_not_found(share_data_id))
+
+        entry = self._locks.get(share_data_id)
+        if entry is None:
+            entry = self._locks[share_data_id] = _LockEntry()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                while True:
+                    share_data = self._share_data.get(share_data_id)
+                    if share_data is None:
+                        raise KeyError(_not_found(share_data_id))
+                    state = share_data.current_state
+                    accepted = await _evaluate(function, state, proposed_data)
+                    if (
+                        self._share_data.get(share_data_id) is share_data
+                        and share_data.current_state is state
+                    ):
+                        break
+
+                # No await from here on: records and events stay in id order.
+                record = share_data._append(function.id, proposed_data, accepted, proof)
+                if accepted:
+                    share_data.current_state = proposed_data
+                self._emitter.emit(
+                    "share-data:transaction",
+                    ShareDataEvent(
+                        "share-data:transaction",
+                        share_data_id,
+                        transaction_id=record.transaction_id,
+                        accepted=accepted,
+                        current_state=share_data.current_state,
+                        share_data=share_data,
+                    ),
+                )
+                return TransactionOutcome(accepted, record.transaction_id)
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[share_data_id]
+
+    def _emit(self, event: str, share_data: ShareData) -> None:
+        self._emitter.emit(
+            event,
+            ShareDataEvent(
+                event,
+                share_data.id,
+                current_state=share_data.current_state,
+                share_data=share_data,
+            ),
+        )
+
+
+async def _evaluate(function: ShareFunction, state: Any, proposed_data: Any) -> bool:
+    try:
+        result = function.rule(state, proposed_data)
+        if inspect.isawaitable(result):
+            result = await result
+        # bool() may raise too (e.g. an ambiguous truth value): the rule's fault.
+        return bool(result)
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise RuleError(f"rule of function {function.label!r} raised: {detail}") from exc
+
+
+def _check_share_data(share_data: object) -> None:
+    if not isinstance(share_data, ShareData):
+        raise TypeError(f"expected a ShareData, got {type(share_data).__name__}")
+
+
+def _not_found(share_data_id: str) -> str:
+    return f"shareDataId {share_data_id} not found"
+
+
+# Canonical encoding of records.
+
+
+def _record_hash(record: TransactionRecord) -> str:
+    return _hash_fields(
+        record.transaction_id,
+        record.function_id,
+        record.proposed_data,
+        record.accepted,
+        record.timestamp,
+        record.proof,
+        record.prev_hash,
+    )
+
+
+def _hash_fields(
+    transaction_id: str,
+    function_id: str | None,
+    proposed_data: Any,
+    accepted: bool,
+    timestamp: float,
+    proof: Any,
+    prev_hash: str,
+) -> str:
+    fields = {
+        "transaction_id": transaction_id,
+        "function_id": function_id,
+        "proposed_data": proposed_data,
+        "accepted": accepted,
+        "timestamp": timestamp,
+        "proof": proof,
+        "prev_hash": prev_hash,
+    }
+    try:
+        try:
+            text = _dumps(fields)
+        except (TypeError, ValueError):
+            # Data that strict JSON refuses: NaN or infinities, keys of mixed
+            # types (they cannot be sorted) or of types JSON has no form for,
+            # reference cycles. Encode a normalized copy instead; the prefix
+            # keeps the two encodings from ever colliding.
+            text = "\x00" + _dumps(_normalize(fields, set()))
+    except RecursionError:
+        raise ValueError("proposed data or proof is nested too deeply to be hashed") from None
+    # ensure_ascii=False lets lone surrogates through; encode them rather
+    # than fail.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=_default,
+    )
+
+
+def _default(value: Any) -> Any:
+    # Called for values JSON has no form for. Sets iterate in an order that
+    # depends on string hashing; sort them to stay deterministic.
+    if isinstance(value, (set, frozenset)):
+        return sorted(_dumps(item) for item in value)
+    return repr(value)
+
+
+def _normalize(value: Any, active: set[int]) -> Any:
+    """A JSON-encodable, deterministic stand-in for *value*."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if not isinstance(value, (list, tuple, dict, set, frozenset)):
+        return repr(value)
+    if id(value) in active:
+        return "<cycle>"
+    active.add(id(value))
+    try:
+        if isinstance(value, dict):
+            # Keys become their own canonical text, so 1 and "1" stay apart
+            # and keys of any type can be sorted.
+            pairs = [
+                [_dumps(_normalize(key, active)), _normalize(item, active)]
+                for key, item in value.items()
+            ]
+            return sorted(pairs, key=lambda pair: pair[0])
+        items = [_normalize(item, active) for item in value]
+        if isinstance(value, (set, frozenset)):
+            return sorted(_dumps(item) for item in items)
+        return items
+    finally:
+        active.discard(id(value))
