@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m safe_fast.examples.loopback_demo``."""
