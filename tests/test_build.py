@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(300)
 def copy_source_tree(destination: Path) -> Path:
     tree = destination / "source"
     tree.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, tree / name)
     shutil.copytree(
         REPO / "src",
