@@ -176,6 +176,17 @@ def test_overflow_counts_queued_transport_and_new_frame(core: Any) -> None:
 
 
 @pytest.mark.parametrize("core", CORES)
+def test_a_frame_larger_than_the_cap_reaches_an_idle_connection(core: Any) -> None:
+    box, transport, loop, overflows = make_outbox(core, max_buffered_bytes=100)
+    transport.stalled = True
+    assert box.send_frame(b"x" * 250) is True  # nothing buffered: it goes
+    assert box.send_frame(b"y") is False  # but nothing may stack up behind it
+    assert overflows == [250]
+    loop.run_once()
+    assert transport.writes == [b"x" * 250]
+
+
+@pytest.mark.parametrize("core", CORES)
 def test_drained_transport_is_remeasured_before_refusing(core: Any) -> None:
     box, transport, loop, overflows = make_outbox(core, max_buffered_bytes=100)
     transport.stalled = True
@@ -222,6 +233,7 @@ def test_fanout_survives_collection_changes_during_overflow(core: Any) -> None:
     slow_transport = RecordingTransport()
     slow_transport.stalled = True
     slow = Dropping(slow_transport, flusher, 10)
+    assert slow.send_frame(b"backlog") is True
     fast = [core.Outbox(RecordingTransport(), flusher, 1 << 20) for _ in range(3)]
     subscribers[slow] = None
     for box in fast:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import orjson
 import pytest
@@ -271,6 +272,14 @@ def test_nan_encodes_as_null_like_json_stringify() -> None:
 @pytest.mark.parametrize("state", [{1, 2}, object(), {"k": {1: float("nan"), "x": {2}}}])
 def test_unencodable_state_raises_encode_error(state: object) -> None:
     with pytest.raises(EncodeError, match="cannot encode as JSON"):
+        encode_message(StateFrame("d", state, None))
+
+
+def test_nesting_too_deep_for_the_stack_raises_encode_error() -> None:
+    state: list[object] = []
+    for _ in range(sys.getrecursionlimit() + 10):
+        state = [state]
+    with pytest.raises(EncodeError, match="cannot encode as JSON: RecursionError"):
         encode_message(StateFrame("d", state, None))
 
 

@@ -13,6 +13,24 @@ from .auth import (
     create_share_data_authenticate,
     share_data_audience_authorizer,
 )
+from .client import (
+    Backoff,
+    ClientClosed,
+    ConnectionClosed,
+    ConnectionFailed,
+    ProposalResult,
+    ProtocolError,
+    QueueFull,
+    RealtimeClient,
+    RealtimeError,
+    RequestTimeout,
+    ServerError,
+    Subscription,
+    SubscriptionOverflow,
+    SubscriptionRejected,
+    Unauthorized,
+    next_backoff_delay,
+)
 from .messages import (
     CLOSE_FELL_BEHIND,
     CLOSE_INVALID_MESSAGE,
@@ -38,12 +56,15 @@ from .messages import (
 )
 from .registry import ChannelRegistry, InMemoryChannelRegistry
 from .replay import InMemoryReplayStore, ReplayEntry, ReplayStore
+# scaleout takes a redis client from the caller and never imports redis itself,
+# so importing it here keeps ``redis`` optional.
+from .scaleout import CorruptReplayEntry, RedisChannelRegistry, RedisReplayStore
 from .server import (
-    ConnectionClosed,
-    ConnectionOpened,
-    ConnectionOverflow,
+    ConnectionClosedEvent,
+    ConnectionOpenedEvent,
+    ConnectionOverflowEvent,
     RealtimeServer,
-    ReplayWriteFailed,
+    ReplayWriteFailedEvent,
     ServerConnection,
     UpgradeRequest,
     attach_realtime_server,
@@ -100,10 +121,10 @@ __all__ = [
     "RealtimeServer",
     "ServerConnection",
     "UpgradeRequest",
-    "ConnectionOpened",
-    "ConnectionClosed",
-    "ConnectionOverflow",
-    "ReplayWriteFailed",
+    "ConnectionOpenedEvent",
+    "ConnectionClosedEvent",
+    "ConnectionOverflowEvent",
+    "ReplayWriteFailedEvent",
     "create_id_based_function_resolver",
     "use_uvloop",
     "ChannelRegistry",
@@ -111,6 +132,27 @@ __all__ = [
     "ReplayStore",
     "ReplayEntry",
     "InMemoryReplayStore",
+    # the client
+    "RealtimeClient",
+    "Subscription",
+    "ProposalResult",
+    "Backoff",
+    "next_backoff_delay",
+    "RealtimeError",
+    "RequestTimeout",
+    "ConnectionClosed",
+    "ConnectionFailed",
+    "QueueFull",
+    "ClientClosed",
+    "Unauthorized",
+    "ServerError",
+    "ProtocolError",
+    "SubscriptionRejected",
+    "SubscriptionOverflow",
+    # scale-out through Redis (needs the ``redis`` extra)
+    "RedisChannelRegistry",
+    "RedisReplayStore",
+    "CorruptReplayEntry",
     # authentication
     "AuthorizationAudience",
     "AuthorizedAuthorities",

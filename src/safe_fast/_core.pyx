@@ -117,7 +117,9 @@ cdef class Outbox:
         if total > self.max_buffered_bytes:
             self._transport_bytes = self._get_write_buffer_size()
             total = self._transport_bytes + self._queued + size
-            if total > self.max_buffered_bytes:
+            # The cap bounds a backlog, not a frame: with nothing buffered,
+            # any one frame goes.
+            if total > self.max_buffered_bytes and total != size:
                 self._open = False
                 self.on_overflow(total - size)
                 return False

@@ -13,7 +13,8 @@ What lives here, and why it is the hot path:
   event-loop iteration leave in a single ``transport.write`` (one system call)
   when the :class:`Flusher` runs, before the loop sleeps again. It accounts the
   bytes it holds plus what the transport still buffers, and refuses a frame
-  that would take the total past ``max_buffered_bytes``.
+  that would take the total past ``max_buffered_bytes`` (unless nothing is
+  buffered: one frame larger than the cap still reaches an idle connection).
 * :func:`fanout` queues one frame on many outboxes.
 * :class:`ReplayRing` is the bounded per-channel replay window: O(1) append,
   O(1) cursor lookup.
@@ -111,7 +112,8 @@ class Outbox:
         """Queue one complete frame; False if it was refused.
 
         A frame that would take the buffered total past ``max_buffered_bytes``
-        closes the outbox and calls :meth:`on_overflow` once.
+        closes the outbox and calls :meth:`on_overflow` once. The cap bounds
+        a backlog, not a frame: with nothing buffered, any one frame goes.
         """
         if not self._open:
             return False
@@ -120,7 +122,7 @@ class Outbox:
         if total > self.max_buffered_bytes:
             self._transport_bytes = self.transport.get_write_buffer_size()
             total = self._transport_bytes + self._queued + size
-            if total > self.max_buffered_bytes:
+            if total > self.max_buffered_bytes and total != size:
                 self._open = False
                 self.on_overflow(total - size)
                 return False

@@ -108,11 +108,13 @@ def decode_json(data: bytes | bytearray | memoryview | str) -> Any:
 def encode_json(obj: Any) -> bytes:
     """Compact JSON bytes for *obj*.
 
-    orjson covers everything on the hot path. It refuses integers beyond
-    64 bits and non-string keys, which an application may legitimately put in
-    its state, so those take the slower standard-library route instead of
-    failing a broadcast. Only content that JSON cannot express at all (NaN, a
-    set, an arbitrary object) raises :class:`EncodeError`.
+    orjson covers everything on the hot path and writes NaN and infinities
+    as ``null`` (as ``JSON.stringify`` does). It refuses integers beyond 64
+    bits, non-string keys and nesting deeper than 255, which an application
+    may legitimately put in its state, so those take the slower
+    standard-library route instead of failing a broadcast. Content that JSON
+    cannot express at all (a set, an arbitrary object, a reference cycle,
+    nesting too deep for the interpreter's stack) raises :class:`EncodeError`.
     """
     try:
         return orjson.dumps(obj)
@@ -122,8 +124,8 @@ def encode_json(obj: Any) -> bytes:
         return json.dumps(
             obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
-    except (TypeError, ValueError) as exc:
-        raise EncodeError(f"cannot encode as JSON: {exc}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise EncodeError(f"cannot encode as JSON: {type(exc).__name__}: {exc}") from None
 
 
 # -- field checks ------------------------------------------------------------

@@ -7,7 +7,7 @@ resuming with ``since=<cursor>`` gets the outcomes it missed.
 
 The in-memory store is synchronous on purpose: the broadcast path calls
 ``record`` inline and schedules nothing. A store whose methods are coroutines
-(for example :class:`safe_fast.redis.RedisReplayStore`) works too; the server
+(for example :class:`safe_fast.scaleout.RedisReplayStore`) works too; the server
 awaits them off the broadcast path.
 """
 

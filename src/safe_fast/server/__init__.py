@@ -1,10 +1,10 @@
 """The realtime server: connection protocol, picows adapter, built-in hooks."""
 
 from .connection import (
-    ConnectionClosed,
-    ConnectionOpened,
-    ConnectionOverflow,
-    ReplayWriteFailed,
+    ConnectionClosedEvent,
+    ConnectionOpenedEvent,
+    ConnectionOverflowEvent,
+    ReplayWriteFailedEvent,
     ServerConnection,
     ServerHub,
 )
@@ -18,10 +18,10 @@ __all__ = [
     "ServerConnection",
     "ServerHub",
     "UpgradeRequest",
-    "ConnectionOpened",
-    "ConnectionClosed",
-    "ConnectionOverflow",
-    "ReplayWriteFailed",
+    "ConnectionOpenedEvent",
+    "ConnectionClosedEvent",
+    "ConnectionOverflowEvent",
+    "ReplayWriteFailedEvent",
     "create_id_based_function_resolver",
     "use_uvloop",
 ]

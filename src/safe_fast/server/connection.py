@@ -74,10 +74,10 @@ from ..replay import ReplayEntry, ReplayStore
 __all__ = [
     "ServerHub",
     "ServerConnection",
-    "ConnectionOpened",
-    "ConnectionClosed",
-    "ConnectionOverflow",
-    "ReplayWriteFailed",
+    "ConnectionOpenedEvent",
+    "ConnectionClosedEvent",
+    "ConnectionOverflowEvent",
+    "ReplayWriteFailedEvent",
     "CLOSE_GOING_AWAY",
     "CLOSE_INVALID_TEXT",
     "CLOSE_POLICY_VIOLATION",
@@ -88,6 +88,7 @@ logger = logging.getLogger("safe_fast.server")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_NO_STATUS = 1005
 CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_TEXT = 1007
 CLOSE_POLICY_VIOLATION = 1008
@@ -101,13 +102,13 @@ MAX_PENDING_MESSAGES = 1024
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionOpened:
+class ConnectionOpenedEvent:
     connection_id: str
     context: Any
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class ConnectionClosedEvent:
     connection_id: str
     code: int
     reason: str
@@ -115,7 +116,7 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionOverflow:
+class ConnectionOverflowEvent:
     connection_id: str
     buffered_amount: int
     max_buffered_bytes: int
@@ -123,7 +124,7 @@ class ConnectionOverflow:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplayWriteFailed:
+class ReplayWriteFailedEvent:
     share_data_id: str
     operation: str
     error: BaseException
@@ -210,18 +211,38 @@ class ServerHub:
         self._store_call("forget", share_data_id)
         self.broadcast(share_data_id, LifecycleFrame(share_data_id, "removed"))
         # Terminal: nobody stays subscribed to a ShareData that is gone.
-        for connection in self.connections.values():
-            connection.subscriptions.discard(share_data_id)
-        if self._remove_channel is not None:
-            self._run_hook(self._remove_channel(share_data_id), "registry.remove_channel")
+        remove_channel = self._remove_channel
+        for connection in list(self.connections.values()):
+            if share_data_id in connection.subscriptions:
+                connection.subscriptions.discard(share_data_id)
+                if remove_channel is None:
+                    # A registry without the optional remove_channel must still
+                    # forget them, or it keeps delivering to them (and leaks them).
+                    self._run_hook(self.registry.unsubscribe(share_data_id, connection), "registry.unsubscribe")
+        if remove_channel is not None:
+            self._run_hook(remove_channel(share_data_id), "registry.remove_channel")
 
     def broadcast(self, share_data_id: str, message: ServerMessage) -> None:
         """Hand ``message`` to the registry; never raises into the manager."""
         try:
-            result = self.registry.broadcast(share_data_id, message)
-        except EncodeError as exc:
-            logger.error("cannot broadcast %s for %r: %s", message.type, share_data_id, exc)
-            return
+            try:
+                result = self.registry.broadcast(share_data_id, message)
+            except EncodeError as exc:
+                if not isinstance(message, TransactionFrame):
+                    logger.error("cannot broadcast %s for %r: %s", message.type, share_data_id, exc)
+                    return
+                # The transaction is recorded: skipping its frame would leave a
+                # gap in every subscriber's id sequence. Send it without the
+                # state JSON cannot hold (the shape of a replayed frame).
+                logger.error(
+                    "state after transaction %s of %r cannot be encoded (%s); broadcasting it without currentState",
+                    message.transaction_id,
+                    share_data_id,
+                    exc,
+                )
+                wire = message.to_wire()
+                del wire["currentState"]
+                result = self.registry.broadcast(share_data_id, wire)
         except Exception:
             logger.exception("registry.broadcast failed for %r", share_data_id)
             return
@@ -243,7 +264,7 @@ class ServerHub:
 
     def _replay_failed(self, share_data_id: str, operation: str, error: BaseException) -> None:
         logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
-        self.events.emit("replay:write-failed", ReplayWriteFailed(share_data_id, operation, error))
+        self.events.emit("replay:write-failed", ReplayWriteFailedEvent(share_data_id, operation, error))
 
     @staticmethod
     def _run_hook(result: Any, what: str) -> None:
@@ -284,6 +305,8 @@ class ServerConnection(core.Outbox):
         self.close_code: Optional[int] = None
         self.close_reason = ""
         self._state = _AUTHENTICATING if authenticating else _OPEN
+        # Whether ``connection:opened`` was emitted: ``connection:closed`` pairs with it.
+        self._announced = False
         self._inbox: deque[tuple[bytes, bool]] = deque()
         self._worker: Optional[asyncio.Task[None]] = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -300,7 +323,7 @@ class ServerConnection(core.Outbox):
     def on_overflow(self, buffered_amount: int) -> None:
         self.hub.events.emit(
             "connection:overflow",
-            ConnectionOverflow(self.id, buffered_amount, self.max_buffered_bytes, self.context),
+            ConnectionOverflowEvent(self.id, buffered_amount, self.max_buffered_bytes, self.context),
         )
         # The frame is dropped; what is queued would only deepen the backlog.
         self.close(CLOSE_FELL_BEHIND, CLOSE_REASONS[CLOSE_FELL_BEHIND], flush=False)
@@ -320,7 +343,8 @@ class ServerConnection(core.Outbox):
         self.hub.connections[self.id] = self
         if self._state == _AUTHENTICATING:
             return
-        self.hub.events.emit("connection:opened", ConnectionOpened(self.id, self.context))
+        self._announced = True
+        self.hub.events.emit("connection:opened", ConnectionOpenedEvent(self.id, self.context))
 
     def authenticated(self, context: Any) -> None:
         """An async ``authenticate`` accepted: process what arrived meanwhile."""
@@ -328,7 +352,8 @@ class ServerConnection(core.Outbox):
             return
         self.context = context
         self._state = _OPEN
-        self.hub.events.emit("connection:opened", ConnectionOpened(self.id, self.context))
+        self._announced = True
+        self.hub.events.emit("connection:opened", ConnectionOpenedEvent(self.id, self.context))
         self._ensure_worker()
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
@@ -356,7 +381,6 @@ class ServerConnection(core.Outbox):
         """The transport is gone: forget the connection everywhere."""
         if self._state == _CLOSED:
             return
-        was_open = self._state != _AUTHENTICATING or self.close_code is not None
         self._state = _CLOSED
         self.close_code, self.close_reason = code, reason
         self._inbox.clear()
@@ -366,8 +390,9 @@ class ServerConnection(core.Outbox):
         self._timers.clear()
         self._leave_channels()
         self.hub.connections.pop(self.id, None)
-        if was_open:
-            self.hub.events.emit("connection:closed", ConnectionClosed(self.id, code, reason, self.context))
+        if self._announced:
+            # A connection whose async ``authenticate`` rejected it never opened.
+            self.hub.events.emit("connection:closed", ConnectionClosedEvent(self.id, code, reason, self.context))
 
     def call_later(self, delay: float, callback: Callable[[], Any]) -> None:
         self._timers.append(self.hub.flusher.loop.call_later(delay, callback))

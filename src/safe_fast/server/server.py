@@ -29,6 +29,7 @@ from .connection import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     ServerConnection,
     ServerHub,
@@ -100,6 +101,10 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         connection = self.connection
         if connection is None:
             return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # No extension is ever negotiated, so a reserved bit fails the connection (RFC 6455 §5.2).
+            connection.close(1002, "reserved bits set")
+            return
         msg_type = frame.msg_type
         if msg_type == _TEXT or msg_type == _BINARY:
             if frame.fin:
@@ -140,7 +145,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         if handshake is not None:
             info = handshake.recv or handshake.sent
         if info is not None:
-            connection.disconnected(_close_code(info.code), info.reason)
+            # picows reports a close frame without a status as code 0 and a
+            # missing reason as None; the event says 1005 and "" (as ws does).
+            connection.disconnected(_close_code(info.code) or CLOSE_NO_STATUS, info.reason or "")
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
 

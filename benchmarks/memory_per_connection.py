@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Server memory per idle subscribed connection.
+
+    PYTHONPATH=src python benchmarks/memory_per_connection.py                      # 10,000 connections, both cores
+    PYTHONPATH=src python benchmarks/memory_per_connection.py --connections 1000   # quick
+    PYTHONPATH=src python benchmarks/memory_per_connection.py --servers compiled,pure,websockets,picows,raw
+
+For each server (by default ours on the compiled and on the pure core), in a
+fresh server process: open a few warm-up connections and close them, read the
+server's RSS ("before"), open N connections from the generator process(es) —
+each a real WebSocket handshake plus a real subscribe, answered by ``state`` —,
+check the server counts N subscribers, read its RSS again ("after", after a
+``gc.collect()``). Reported: (after − before) / N in KiB. RSS is what the
+process holds in user space; the kernel's socket buffers are not in it.
+
+Both the server and the generators raise their RLIMIT_NOFILE soft limit to
+the hard limit; N must fit under it (each generator holds N/generators
+sockets). Everything is bounded in time and every process is killed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import time
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+from fanout_e2e import EXTRA_SERVERS, SERVERS, SHORT, machine, split  # noqa: E402
+
+TARGET_KIB = 10.0
+
+
+async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]:
+    env = dict(os.environ)
+    for key, value in spec.env.items():  # type: ignore[attr-defined]
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result: dict[str, object] = {"server": spec.name, "connections": args.connections}  # type: ignore[attr-defined]
+    gens: list[h.Child] = []
+    server = await h.Child.start(spec.name, ["server", spec.kind], env)  # type: ignore[attr-defined]
+    try:
+        for i in range(args.generators):
+            gens.append(await h.Child.start(f"generator-{i}", ["generator", "127.0.0.1", str(args.recv_buffer)]))
+        port, info = (await server.expect("READY", 60))[:2]
+        result["info"] = info.replace("_", " ")
+        if spec.backend is not None and info != spec.backend:  # type: ignore[attr-defined]
+            raise h.ChildError(f"{spec.name}: core_backend() is {info!r}, expected {spec.backend!r}")  # type: ignore[attr-defined]
+
+        # Warm-up: the first connections pay for lazily created objects and code paths.
+        await gens[0].send(f"connect {port} {args.warmup} 16 60")
+        await gens[0].expect("CONNECTED", 75)
+        await gens[0].ask("close", "CLOSED", 30)
+        deadline = time.monotonic() + 10
+        while int((await server.ask("subs", "SUBS"))[0]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        before = [int(x) for x in await server.ask("rss", "RSS")]
+
+        t0 = time.monotonic()
+        shares = split(args.connections, len(gens))
+        for g, n in zip(gens, shares):
+            await g.send(f"connect {port} {n} {args.concurrency} {args.timeout}")
+        ok = 0
+        for g in gens:
+            ok += int((await g.expect("CONNECTED", args.timeout + 30))[0])
+        connect_s = time.monotonic() - t0
+        if ok != args.connections:
+            raise h.ChildError(f"only {ok}/{args.connections} connections subscribed")
+        deadline = time.monotonic() + 30
+        while True:
+            subs = int((await server.ask("subs", "SUBS"))[0])
+            if subs == args.connections or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if subs != args.connections:
+            raise h.ChildError(f"server counts {subs} subscribers, expected {args.connections}")
+        await asyncio.sleep(0.5)  # let the last handshakes' buffers settle
+        after = [int(x) for x in await server.ask("rss", "RSS")]
+        result.update(
+            before_kib=before[0],
+            after_kib=after[0],
+            peak_kib=after[1],
+            kib_per_connection=(after[0] - before[0]) / args.connections,
+            connect_seconds=connect_s,
+        )
+    except Exception as exc:
+        result["error"] = str(exc).strip()
+    finally:
+        for g in gens:
+            await g.stop()
+        await server.stop()
+    return result
+
+
+async def amain(args: argparse.Namespace) -> int:
+    soft, hard = h.raise_nofile()
+    per_gen = -(-args.connections // args.generators)
+    if hard != resource.RLIM_INFINITY and max(per_gen, args.connections) + 100 > hard:
+        print(
+            f"RLIMIT_NOFILE hard limit {hard} is too low for {args.connections} connections "
+            f"(the server holds all of them); lower --connections or raise the limit",
+            file=sys.stderr,
+        )
+        return 2
+    specs = [s for s in SERVERS + EXTRA_SERVERS if SHORT[s.name] in args.servers or s.name in args.servers]
+    print(f"# memory_per_connection — {machine()}; RLIMIT_NOFILE {soft}/{hard}", file=sys.stderr)
+    results = []
+    started = time.monotonic()
+    for rep in range(args.repeat):
+        for spec in specs:
+            r = await measure(spec, args)
+            results.append(r)
+            if "error" in r:
+                print(f"[{time.monotonic() - started:4.0f}s] {spec.name}: FAILED: {r['error']}", file=sys.stderr)
+            else:
+                print(
+                    f"[{time.monotonic() - started:4.0f}s] {spec.name}: {r['kib_per_connection']:.2f} KiB/connection "
+                    f"({r['before_kib'] / 1024:.1f} -> {r['after_kib'] / 1024:.1f} MiB, connected in "
+                    f"{r['connect_seconds']:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print()
+    print(f"Memory per idle subscribed connection, {args.connections:,} connections; {machine()}")
+    print()
+    print("| server | connections | RSS before MiB | RSS after MiB | KiB per connection | target ≤ 10 KiB (ours) |")
+    print("|---|---:|---:|---:|---:|---|")
+    failed = False
+    for r in results:
+        if "error" in r:
+            failed = True
+            print(f"| {r['server']} | {args.connections:,} | — | — | — | error: {r['error'].splitlines()[0]} |")
+            continue
+        kib = float(r["kib_per_connection"])  # type: ignore[arg-type]
+        ours = str(r["server"]).startswith("safe_fast")
+        verdict = (f"met ({TARGET_KIB / kib:.1f}× under)" if kib <= TARGET_KIB else f"NOT met ({kib / TARGET_KIB:.2f}× over)") if ours else "—"
+        print(
+            f"| {r['server']} | {args.connections:,} | {int(r['before_kib']) / 1024:.1f} | "  # type: ignore[call-overload]
+            f"{int(r['after_kib']) / 1024:.1f} | {kib:.2f} | {verdict} |"  # type: ignore[call-overload]
+        )
+    return 1 if failed else 0
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--connections", type=int, default=10_000)
+    p.add_argument("--servers", type=lambda t: t.split(","), default=["compiled", "pure"], help="subset of: " + ",".join(SHORT.values()))
+    p.add_argument("--generators", type=int, default=1, help="generator processes (connections split evenly)")
+    p.add_argument("--concurrency", type=int, default=100, help="handshakes in flight per generator")
+    p.add_argument("--warmup", type=int, default=20, help="connections opened and closed before 'before'")
+    p.add_argument("--recv-buffer", type=int, default=4096, help="generator receive buffer per connection")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=240, help="bound on opening all connections")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        return asyncio.run(h.cancel_on_signals(amain(args)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""RealtimeClient against this project's real server, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from safe_fast.client import (
+    Backoff,
+    ClientClosed,
+    ConnectionFailed,
+    ProposalResult,
+    QueueFull,
+    RealtimeClient,
+    RequestTimeout,
+    SubscriptionRejected,
+    Unauthorized,
+)
+from safe_fast.replay import InMemoryReplayStore, ReplayEntry
+from safe_fast.server import attach_realtime_server, create_id_based_function_resolver
+from safe_fast.sharedata import ShareData, ShareFunction
+
+from client_helpers import DEADLINE, Recorder, apply, eventually, make_manager
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = Backoff(min=0.05, max=0.2, factor=2.0, jitter=0.0)
+"""Quick reconnects for tests that restart the server."""
+
+
+async def start_server(manager: Any, **kwargs: Any) -> Any:
+    kwargs.setdefault("authenticate", lambda request: {"subject": "test"})
+    kwargs.setdefault("resolve_function", create_id_based_function_resolver(manager))
+    return await attach_realtime_server(manager=manager, host="127.0.0.1", **kwargs)
+
+
+def channel_recorder(sub: Any) -> list[Any]:
+    frames: list[Any] = []
+    for kind in ("state", "transaction", "lifecycle"):
+        sub.on(kind, frames.append)
+    return frames
+
+
+async def consume(sub: Any, into: list[Any]) -> None:
+    async for frame in sub:
+        into.append(frame)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_subscribe_state_live_lifecycle_and_iteration(clients: Any) -> None:
+    manager = make_manager("doc")
+    async with await start_server(manager) as server:
+        client = RealtimeClient(server.url)
+        clients(client)
+        recorder = Recorder(client)
+        await client.connect()
+        assert client.state == "open"
+        assert recorder.of("open") == [()]
+
+        sub = client.subscribe("doc")
+        assert client.subscribe("doc") is sub
+        heard = channel_recorder(sub)
+        iterated: list[Any] = []
+        consumer = asyncio.ensure_future(consume(sub, iterated))
+
+        await eventually(lambda: len(heard) == 1, what="state")
+        assert heard[0].type == "state"
+        assert heard[0].current_state == {"n": 0} and heard[0].last_transaction_id is None
+        assert sub.last_transaction_id is None
+
+        for i in range(1, 4):
+            await apply(manager, "doc", {"n": i})
+        await eventually(lambda: len(heard) == 4, what="live transactions")
+        assert [f.transaction_id for f in heard[1:]] == ["1", "2", "3"]
+        assert [f.current_state for f in heard[1:]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        assert all(f.replayed is False for f in heard[1:])
+        assert sub.last_transaction_id == "3"
+
+        manager.update_share_data(ShareData("doc", current_state={"n": 100}, functions=[]))
+        await eventually(lambda: len(heard) == 5, what="lifecycle updated")
+        assert (heard[4].type, heard[4].event, heard[4].current_state) == ("lifecycle", "updated", {"n": 100})
+        assert sub.last_transaction_id == "3"
+
+        manager.remove_share_data_by_id("doc")
+        await eventually(lambda: len(heard) == 6, what="lifecycle removed")
+        assert (heard[5].type, heard[5].event) == ("lifecycle", "removed")
+        assert sub.is_detached and sub.last_transaction_id is None
+        assert "doc" not in client.subscriptions
+
+        await asyncio.wait_for(consumer, DEADLINE)  # the iterator ended by itself
+        assert iterated == heard
+        messages = [args[0] for args in recorder.of("message")]
+        assert messages == heard
+        assert recorder.errors() == []
+        await client.close()
+        assert client.state == "closed"
+
+
+async def test_propose_and_ping(clients: Any) -> None:
+    manager = make_manager("doc")
+    manager.get_share_data_by_id("doc").functions.append(ShareFunction("never", lambda c, p: False))
+    async with await start_server(manager) as server:
+        async with RealtimeClient(server.url) as client:
+            clients(client)
+            accepted = await client.propose("doc", "set", {"n": 1})
+            assert accepted == ProposalResult(True, "1", None)
+            rejected = await client.propose("doc", "never", {"n": 2})
+            assert rejected == ProposalResult(False, "2", None)
+            unknown = await client.propose("doc", "missing")
+            assert unknown.accepted is False and unknown.transaction_id is None
+            assert unknown.error == "unknown functionId missing for shareDataId doc"
+            rtt = await client.ping()
+            assert 0 <= rtt < DEADLINE
+
+
+@pytest.mark.timeout(60)
+async def test_server_restart_resumes_from_the_cursor(clients: Any) -> None:
+    manager = make_manager("doc")
+    store = InMemoryReplayStore(100)
+    server = await start_server(manager, replay_store=store)
+    port = server.port
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    recorder = Recorder(client)
+    await client.connect()
+    sub = client.subscribe("doc")
+    heard = channel_recorder(sub)
+    iterated: list[Any] = []
+    consumer = asyncio.ensure_future(consume(sub, iterated))
+    await eventually(lambda: len(heard) == 1, what="state")
+    for i in (1, 2, 3):
+        await apply(manager, "doc", {"n": i})
+    await eventually(lambda: sub.last_transaction_id == "3", what="live 1..3")
+
+    await server.close()
+    await eventually(lambda: client.state == "reconnecting", what="the client to notice")
+    assert recorder.of("close")[0][0] == 1001
+
+    # While no server runs, transactions go on; the replay store is shared
+    # (as a Redis store is between nodes), so whoever applies them records
+    # them there: here a stand-in listener, for the duration of the outage.
+    def record(event: Any) -> None:
+        store.record(event.share_data_id, ReplayEntry(event.transaction_id, event.accepted))
+
+    manager.on("share-data:transaction", record)
+    for i in (4, 5, 6):
+        await apply(manager, "doc", {"n": i})
+    manager.off("share-data:transaction", record)
+
+    # Requests made while disconnected are queued...
+    queued = [asyncio.ensure_future(client.propose("doc", "set", {"n": i})) for i in (7, 8)]
+    ping = asyncio.ensure_future(client.ping())
+    await asyncio.sleep(0.3)  # a few refused attempts
+    assert client.state == "reconnecting" and not any(q.done() for q in queued)
+
+    server = await start_server(manager, replay_store=store, port=port)
+    try:
+        # ... and sent after the resubscribe once it is back.
+        results = await asyncio.wait_for(asyncio.gather(*queued), DEADLINE)
+        assert [r.transaction_id for r in results] == ["7", "8"] and all(r.accepted for r in results)
+        assert 0 <= await asyncio.wait_for(ping, DEADLINE) < DEADLINE
+        await apply(manager, "doc", {"n": 9})
+        await eventually(lambda: sub.last_transaction_id == "9", what="live 9")
+
+        after = heard[4:]
+        assert after[0].type == "state" and after[0].last_transaction_id == "6"
+        assert after[0].current_state == {"n": 6}
+        replayed = [f.transaction_id for f in after if f.type == "transaction" and f.replayed]
+        assert replayed == ["4", "5", "6"]
+        live = [f.transaction_id for f in heard if f.type == "transaction" and not f.replayed]
+        assert live == ["1", "2", "3", "7", "8", "9"]  # none twice, in order
+        seen = [f.transaction_id for f in heard if f.type == "transaction"]
+        assert sorted(seen, key=int) == [str(i) for i in range(1, 10)]  # none missed
+        assert len(set(seen)) == len(seen)
+        assert sub.last_transaction_id == "9"
+        assert [args[0] for args in recorder.of("reconnecting")][0] == 1
+        await eventually(lambda: len(iterated) == len(heard), what="the iterator")
+        assert iterated == heard
+        assert not [e for e in recorder.errors() if not isinstance(e, ConnectionFailed)]
+    finally:
+        await client.close()
+        await asyncio.wait_for(consumer, DEADLINE)
+        await server.close()
+
+
+async def test_full_queue_fails_at_once(clients: Any) -> None:
+    client = RealtimeClient(f"ws://127.0.0.1:{free_port()}/realtime", max_queue_size=3)
+    clients(client)
+    waiting = [asyncio.ensure_future(client.ping()) for _ in range(3)]
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(QueueFull, match=r"outbound queue full \(limit 3\)"):
+        await client.propose("doc", "set", 1)
+    assert loop.time() - started < 0.5
+    await client.close()
+    for request in waiting:
+        with pytest.raises(ClientClosed):
+            await request
+
+
+async def test_timeout_counts_from_the_call_while_queued(clients: Any) -> None:
+    manager = make_manager("doc")
+    server = await start_server(manager)
+    port = server.port
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    await client.connect()
+    await server.close()
+    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeout) as info:
+        await client.propose("doc", "set", 1, timeout=0.3)
+    elapsed = loop.time() - started
+    assert 0.25 <= elapsed < 3.0
+    assert info.value.queued is True
+    assert isinstance(info.value, asyncio.TimeoutError)
+    # The timed-out request is never sent: nothing is applied once back.
+    server = await start_server(manager, port=port)
+    try:
+        await client.connect()
+        assert await client.ping() >= 0
+        assert manager.get_share_data_by_id("doc").last_transaction_id is None
+    finally:
+        await server.close()
+
+
+async def test_timeout_of_a_sent_request(clients: Any) -> None:
+    async def slow(current: Any, proposed: Any) -> bool:
+        await asyncio.sleep(2)
+        return True
+
+    manager = make_manager("doc")
+    manager.get_share_data_by_id("doc").functions.append(ShareFunction("slow", slow))
+    async with await start_server(manager) as server:
+        client = RealtimeClient(server.url)
+        clients(client)
+        recorder = Recorder(client)
+        await client.connect()
+        with pytest.raises(RequestTimeout) as info:
+            await client.propose("doc", "slow", 1, timeout=0.2)
+        assert info.value.queued is False
+        # The late answer is ignored quietly, and the connection keeps working.
+        await asyncio.sleep(2.1)
+        assert (await client.propose("doc", "set", 2)).accepted
+        assert recorder.errors() == []
+
+
+async def test_explicit_close_is_sticky_and_fails_the_queue(clients: Any) -> None:
+    manager = make_manager("doc")
+    server = await start_server(manager)
+    port = server.port
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    recorder = Recorder(client)
+    await client.connect()
+    sub = client.subscribe("doc")
+    await server.close()
+    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+    queued = [asyncio.ensure_future(client.propose("doc", "set", i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    await client.close()
+    assert client.state == "closed"
+    for request in queued:
+        with pytest.raises(ClientClosed):
+            await request
+    assert sub.is_detached
+    with pytest.raises(ClientClosed):
+        await client.connect()
+    with pytest.raises(ClientClosed):
+        await client.ping()
+    with pytest.raises(ClientClosed):
+        client.subscribe("doc")
+    await client.close()  # idempotent
+
+    opened: list[Any] = []
+    server = await start_server(manager, port=port)
+    server.on("connection:opened", opened.append)
+    try:
+        await asyncio.sleep(0.5)  # several backoff periods: nobody comes back
+        assert opened == []
+        reconnects = len(recorder.of("reconnecting"))
+        await asyncio.sleep(0.2)
+        assert len(recorder.of("reconnecting")) == reconnects
+    finally:
+        await server.close()
+
+
+async def test_close_while_open_sends_a_normal_close(clients: Any) -> None:
+    manager = make_manager("doc")
+    async with await start_server(manager) as server:
+        closed: list[Any] = []
+        server.on("connection:closed", closed.append)
+        client = RealtimeClient(server.url)
+        clients(client)
+        recorder = Recorder(client)
+        await client.connect()
+        in_flight = asyncio.ensure_future(client.ping())
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await in_flight
+        assert recorder.of("close") == [(1000, "")] or recorder.of("close")[0][0] == 1000
+        await eventually(lambda: len(closed) == 1, what="the server to see the close")
+        assert closed[0].code == 1000
+
+
+@pytest.mark.timeout(60)
+async def test_a_thousand_concurrent_proposals(clients: Any) -> None:
+    manager = make_manager("doc")
+    async with await start_server(manager) as server:
+        async with RealtimeClient(server.url) as client:
+            clients(client)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(client.propose("doc", "set", {"i": i}) for i in range(1000))), 45
+            )
+            assert all(r.accepted for r in results)
+            ids = [r.transaction_id for r in results]
+            assert sorted(ids, key=int) == [str(n) for n in range(1, 1001)]
+            history = manager.get_share_data_by_id("doc").transaction_history
+            for i, result in enumerate(results):
+                # Each answer went to the call that made the proposal.
+                assert history[int(result.transaction_id) - 1].proposed_data == {"i": i}
+
+
+async def test_4003_from_the_real_server_drops_only_that_subscription(clients: Any) -> None:
+    manager = make_manager("doc")
+    async with await start_server(manager) as server:
+        client = RealtimeClient(server.url)
+        clients(client)
+        recorder = Recorder(client)
+        await client.connect()
+        good = client.subscribe("doc")
+        heard = channel_recorder(good)
+        await eventually(lambda: good.last_transaction_id is None and len(heard) == 1, what="state")
+        await apply(manager, "doc", {"n": 1})
+        await eventually(lambda: good.last_transaction_id == "1", what="live 1")
+
+        bad = client.subscribe("missing")
+        iterated: list[Any] = []
+        with pytest.raises(SubscriptionRejected):
+            await asyncio.wait_for(consume(bad, iterated), DEADLINE)
+        assert bad.is_detached and "missing" not in client.subscriptions
+        await eventually(lambda: len(recorder.of("open")) == 2, what="the reconnect")
+        assert recorder.of("close")[0][0] == 4003
+        assert recorder.of("reconnecting")[0] == (1, 0.0)  # at once
+        rejections = [e for e in recorder.errors() if isinstance(e, SubscriptionRejected)]
+        assert [e.share_data_id for e in rejections] == ["missing"]
+
+        await apply(manager, "doc", {"n": 2})
+        await eventually(lambda: good.last_transaction_id == "2", what="live 2 after the reconnect")
+        live = [f.transaction_id for f in heard if f.type == "transaction" and not f.replayed]
+        assert live == ["1", "2"]
+        assert not good.is_detached
+
+
+async def test_http_401_at_connect_raises_and_stays_closed(clients: Any) -> None:
+    manager = make_manager("doc")
+    calls: list[Any] = []
+
+    def deny(request: Any) -> Any:
+        calls.append(request.query.get("token"))
+        return None
+
+    async with await start_server(manager, authenticate=deny) as server:
+        client = RealtimeClient(server.url, token="bad token/=", backoff=FAST)
+        clients(client)
+        queued = asyncio.ensure_future(client.ping())
+        with pytest.raises(Unauthorized) as info:
+            await client.connect()
+        assert info.value.status == 401
+        assert client.state == "closed"
+        with pytest.raises(Unauthorized):
+            await queued
+        await asyncio.sleep(0.4)
+        assert calls == ["bad token/="]  # no retries behind the caller's back
+
+
+async def test_token_is_url_encoded_in_the_query(clients: Any) -> None:
+    manager = make_manager("doc")
+    seen: list[Any] = []
+
+    def authenticate(request: Any) -> Any:
+        seen.append((request.path, request.query.get("token")))
+        return {"ok": True}
+
+    async with await start_server(manager, authenticate=authenticate) as server:
+        token = "a b+c/d?e&f=g~*'()!"
+        async with RealtimeClient(server.url + "?user=alice", token=token) as client:
+            clients(client)
+            assert client.state == "open"
+        path, received = seen[0]
+        assert received == token
+        assert path == "/realtime?user=alice&token=a%20b%2Bc%2Fd%3Fe%26f%3Dg~*'()!"
+
+
+async def test_connect_refused_raises_and_does_not_retry(clients: Any) -> None:
+    client = RealtimeClient(f"ws://127.0.0.1:{free_port()}/realtime", backoff=FAST)
+    clients(client)
+    recorder = Recorder(client)
+    with pytest.raises(ConnectionFailed):
+        await client.connect()
+    assert client.state == "closed"
+    await asyncio.sleep(0.3)
+    assert recorder.of("reconnecting") == []
+    # Not sticky: connect() may be tried again (and fails again here).
+    with pytest.raises(ConnectionFailed):
+        await client.connect()

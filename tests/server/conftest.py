@@ -1,0 +1,51 @@
+"""Fixtures of the server tests (helpers live in ``server_helpers.py``).
+
+* ``manager``: a :class:`ShareDataManager` holding one ShareData ``"doc"``
+  (state ``{"count": 0}``) with the functions ``"inc"`` (always accepts) and
+  ``"never"`` (always rejects).
+* ``server_factory``: ``await server_factory(**overrides)`` starts
+  :func:`attach_realtime_server` on 127.0.0.1 (ephemeral port) with the
+  ``manager`` fixture, an ``authenticate`` that admits everybody and the
+  id-based resolver on that manager; keyword arguments override any of them.
+  Every server it started is closed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import pytest
+
+from safe_fast import RealtimeServer, ShareDataManager, attach_realtime_server, create_id_based_function_resolver
+from server_helpers import DEADLINE, ServerFactory, allow_everybody, make_doc
+
+
+@pytest.fixture
+def manager() -> ShareDataManager:
+    manager = ShareDataManager()
+    manager.add_share_data(make_doc())
+    return manager
+
+
+@pytest.fixture
+async def server_factory(manager: ShareDataManager) -> AsyncIterator[ServerFactory]:
+    servers: list[RealtimeServer] = []
+
+    async def start(**overrides: Any) -> RealtimeServer:
+        options: dict[str, Any] = {
+            "manager": manager,
+            "authenticate": allow_everybody,
+            "host": "127.0.0.1",
+            "port": 0,
+        }
+        options.update(overrides)
+        if "resolve_function" not in overrides:
+            options["resolve_function"] = create_id_based_function_resolver(options["manager"])
+        server = await attach_realtime_server(**options)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await asyncio.wait_for(server.close(), DEADLINE * 2)
