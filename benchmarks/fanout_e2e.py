@@ -77,15 +77,15 @@ CANDIDATE = "candidate compiled"
 # Opt-in what-if variants (--servers NAME), not part of the default comparison.
 EXTRA_SERVERS = [
     ServerSpec(
-        "safe_fast compiled, picows use_aiofastnet=False",
+        "safe_fast compiled, aiofastnet transport",
         "safe_fast",
-        {"SAFE_FAST_PURE_PYTHON": None, "SAFE_FAST_REQUIRE_COMPILED": "1", "BENCH_PICOWS_NO_AIOFASTNET": "1"},
+        {"SAFE_FAST_PURE_PYTHON": None, "SAFE_FAST_REQUIRE_COMPILED": "1", "BENCH_PICOWS_AIOFASTNET": "1"},
         "cython",
     ),
     ServerSpec(
-        "safe_fast pure, picows use_aiofastnet=False",
+        "safe_fast pure, aiofastnet transport",
         "safe_fast",
-        {"SAFE_FAST_PURE_PYTHON": "1", "SAFE_FAST_REQUIRE_COMPILED": None, "BENCH_PICOWS_NO_AIOFASTNET": "1"},
+        {"SAFE_FAST_PURE_PYTHON": "1", "SAFE_FAST_REQUIRE_COMPILED": None, "BENCH_PICOWS_AIOFASTNET": "1"},
         "python",
     ),
 ]
@@ -97,8 +97,8 @@ SHORT = {
     "picows naive": "picows",
     "raw uvloop coalesced": "raw-coalesced",
     "raw uvloop per-frame": "raw-naive",
-    "safe_fast compiled, picows use_aiofastnet=False": "compiled-uvloop",
-    "safe_fast pure, picows use_aiofastnet=False": "pure-uvloop",
+    "safe_fast compiled, aiofastnet transport": "compiled-aiofastnet",
+    "safe_fast pure, aiofastnet transport": "pure-aiofastnet",
 }
 
 

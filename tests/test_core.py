@@ -160,6 +160,25 @@ def test_one_flush_callback_serves_every_outbox(core: Any) -> None:
 
 
 @pytest.mark.parametrize("core", CORES)
+def test_a_fanout_round_joins_the_shared_frames_once(core: Any) -> None:
+    loop = ManualLoop()
+    flusher = core.Flusher(loop)
+    transports = [RecordingTransport() for _ in range(4)]
+    boxes = [core.Outbox(t, flusher, 1 << 20) for t in transports]
+    first, second = core.encode_frame(b"one"), core.encode_frame(b"two")
+    core.fanout(first, boxes)
+    core.fanout(second, boxes)
+    boxes[2].send_frame(core.encode_frame(b"reply"))  # a direct reply: its own bytes
+    core.fanout(core.encode_frame(b"three"), boxes[3:])
+    loop.run_once()
+    writes = [t.writes for t in transports]
+    assert writes[0] == writes[1] == [first + second]
+    assert writes[0][0] is writes[1][0], "the same frames are joined once per round"
+    assert writes[2] == [first + second + core.encode_frame(b"reply")]
+    assert writes[3] == [first + second + core.encode_frame(b"three")]
+
+
+@pytest.mark.parametrize("core", CORES)
 def test_overflow_counts_queued_transport_and_new_frame(core: Any) -> None:
     box, transport, loop, overflows = make_outbox(core, max_buffered_bytes=100)
     transport.stalled = True

@@ -5,8 +5,11 @@ cdef class Flusher:
     cdef list _dirty
     cdef bint _scheduled
     cdef object _flush_all
+    cdef list _joined_frames
+    cdef bytes _joined
     cdef void mark(self, Outbox outbox) except *
     cpdef flush_all(self)
+    cpdef bytes join(self, list frames)
 
 
 cdef class Outbox:

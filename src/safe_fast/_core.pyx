@@ -54,6 +54,8 @@ cdef class Flusher:
         self._dirty = []
         self._scheduled = False
         self._flush_all = self.flush_all
+        self._joined_frames = []
+        self._joined = b""
 
     cdef void mark(self, Outbox outbox) except *:
         self._dirty.append(outbox)
@@ -69,6 +71,24 @@ cdef class Flusher:
         n = PyList_GET_SIZE(dirty)
         for i in range(n):
             (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
+        self._joined_frames = []
+        self._joined = b""
+
+    cpdef bytes join(self, list frames):
+        """``b"".join(frames)``, reusing the previous result for the same frames."""
+        cdef list last = self._joined_frames
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(frames)
+        if n == PyList_GET_SIZE(last):
+            for i in range(n):
+                if PyList_GET_ITEM(frames, i) != PyList_GET_ITEM(last, i):
+                    break
+            else:
+                return self._joined
+        # Not the same objects; the pure twin compares by value, and equal
+        # frames join to equal bytes, so the result is the same either way.
+        self._joined_frames = frames
+        self._joined = b"".join(frames)
+        return self._joined
 
 
 cdef class Outbox:
@@ -132,6 +152,7 @@ cdef class Outbox:
     cdef int _flush(self) except -1:
         cdef list frames = self._frames
         cdef Py_ssize_t n = PyList_GET_SIZE(frames)
+        cdef bytes data
         if n == 0:
             return 0
         self._frames = []
@@ -139,10 +160,11 @@ cdef class Outbox:
         if self.transport.is_closing():
             return 0
         if n == 1:
-            self._write(<object>PyList_GET_ITEM(frames, 0))
+            data = <object>PyList_GET_ITEM(frames, 0)
         else:
-            self._write(b"".join(frames))
-        self._transport_bytes = self._get_write_buffer_size()
+            data = self.flusher.join(frames)
+        self._write(data)
+        self._transport_bytes += PyBytes_GET_SIZE(data)
         return 0
 
     def close_outbox(self, bint flush=True):

@@ -51,12 +51,17 @@ class Flusher:
     loop runs before it next waits for I/O.
     """
 
-    __slots__ = ("loop", "_dirty", "_scheduled")
+    __slots__ = ("loop", "_dirty", "_scheduled", "_joined_frames", "_joined")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self._dirty: list[Outbox] = []
         self._scheduled = False
+        # The last frame sequence joined in this round and its bytes: after a
+        # fan-out, every subscriber holds the same frames, so they are joined
+        # once per round rather than once per subscriber.
+        self._joined_frames: list[bytes] = []
+        self._joined = b""
 
     def mark(self, outbox: "Outbox") -> None:
         self._dirty.append(outbox)
@@ -71,6 +76,15 @@ class Flusher:
         self._scheduled = False
         for outbox in dirty:
             outbox.flush()
+        self._joined_frames, self._joined = [], b""
+
+    def join(self, frames: list[bytes]) -> bytes:
+        """``b"".join(frames)``, reusing the previous result for the same frames."""
+        # List equality checks identity first: for a fan-out's shared frames
+        # this is k pointer comparisons.
+        if frames != self._joined_frames:
+            self._joined_frames, self._joined = frames, b"".join(frames)
+        return self._joined
 
 
 class Outbox:
@@ -88,8 +102,9 @@ class Outbox:
         self.max_buffered_bytes = max_buffered_bytes
         self._frames: list[bytes] = []
         self._queued = 0
-        # What the transport held at our last write. It only shrinks between
-        # writes, so it is an upper bound that avoids asking per frame.
+        # An upper bound of what the transport holds: everything written since
+        # it was last measured (it only drains meanwhile). Measured again only
+        # when the bound reaches the cap, so a write costs no extra call.
         self._transport_bytes = 0
         self._open = True
 
@@ -141,8 +156,9 @@ class Outbox:
         self._queued = 0
         if self.transport.is_closing():
             return
-        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-        self._transport_bytes = self.transport.get_write_buffer_size()
+        data = frames[0] if len(frames) == 1 else self.flusher.join(frames)
+        self.transport.write(data)
+        self._transport_bytes += len(data)
 
     def close_outbox(self, flush: bool = True) -> None:
         """Stop taking frames; write what is queued first unless ``flush`` is False."""

@@ -57,7 +57,7 @@ class EventEmitter:
             except Exception:
                 logger.exception("listener for %r raised", event)
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 try:
                     task = asyncio.ensure_future(result)
                 except RuntimeError:

@@ -873,6 +873,32 @@ async def test_too_many_pending_messages_close_1008(make_hub: Callable[..., Serv
     assert not any(m["type"] == "pong" for m in peer.rec.messages())
 
 
+async def test_an_idle_connection_holds_no_queue_before_or_after_a_busy_spell(make_hub: Callable[..., ServerHub]) -> None:
+    gate = asyncio.Event()
+
+    async def authorize(context: Any, share_data_id: str) -> bool:
+        await asyncio.wait_for(gate.wait(), DEADLINE)
+        return True
+
+    peer = Peer(make_hub(authorize_subscribe=authorize))
+    # Memory per idle connection: the message queue and timer list are made on demand.
+    assert peer.conn._inbox is None and peer.conn._timers is None
+    peer.send(subscribe())
+    peer.send({"type": "ping", "correlationId": "behind-the-hook"})
+    assert peer.conn._inbox is not None
+    gate.set()
+    assert [(m["type"], m.get("correlationId")) for m in await peer.next(2)] == [
+        ("state", None),
+        ("pong", "behind-the-hook"),
+    ]
+    await peer.until(lambda: peer.conn._worker is None, "the worker finished")
+    assert peer.conn._inbox is None
+    # Idle again, the inline path still answers, and a new busy spell queues anew.
+    peer.send({"type": "ping", "correlationId": "inline"})
+    assert (await peer.next())[0] == {"v": 1, "type": "pong", "correlationId": "inline"}
+    assert peer.conn._inbox is None
+
+
 # -- async authenticate -------------------------------------------------------------------
 
 

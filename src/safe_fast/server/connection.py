@@ -268,7 +268,8 @@ class ServerHub:
 
     @staticmethod
     def _run_hook(result: Any, what: str) -> None:
-        if inspect.isawaitable(result):
+        # Most hooks are synchronous and return None: skip the awaitable check.
+        if result is not None and inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
             task.add_done_callback(
                 lambda t: None
@@ -307,9 +308,11 @@ class ServerConnection(core.Outbox):
         self._state = _AUTHENTICATING if authenticating else _OPEN
         # Whether ``connection:opened`` was emitted: ``connection:closed`` pairs with it.
         self._announced = False
-        self._inbox: deque[tuple[bytes, bool]] = deque()
+        # Both created on first use and the inbox dropped once drained: an idle
+        # connection holds neither (an empty deque alone is ~0.75 KiB).
+        self._inbox: Optional[deque[tuple[bytes, bool]]] = None
         self._worker: Optional[asyncio.Task[None]] = None
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: Optional[list[asyncio.TimerHandle]] = None
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id}>"
@@ -361,7 +364,7 @@ class ServerConnection(core.Outbox):
         if self._state >= _CLOSING:
             return
         self._state = _CLOSING
-        self._inbox.clear()
+        self._inbox = None
         self.close_outbox(flush)
         self._leave_channels()
         try:
@@ -383,11 +386,12 @@ class ServerConnection(core.Outbox):
             return
         self._state = _CLOSED
         self.close_code, self.close_reason = code, reason
-        self._inbox.clear()
+        self._inbox = None
         self.close_outbox(False)
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        if self._timers is not None:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers = None
         self._leave_channels()
         self.hub.connections.pop(self.id, None)
         if self._announced:
@@ -395,7 +399,11 @@ class ServerConnection(core.Outbox):
             self.hub.events.emit("connection:closed", ConnectionClosedEvent(self.id, code, reason, self.context))
 
     def call_later(self, delay: float, callback: Callable[[], Any]) -> None:
-        self._timers.append(self.hub.flusher.loop.call_later(delay, callback))
+        timer = self.hub.flusher.loop.call_later(delay, callback)
+        if self._timers is None:
+            self._timers = [timer]
+        else:
+            self._timers.append(timer)
 
     def _leave_channels(self) -> None:
         if self.subscriptions:
@@ -420,15 +428,20 @@ class ServerConnection(core.Outbox):
             if isinstance(message, Unsubscribe):
                 self._unsubscribe(message)
                 return
-            self._inbox.append((payload, binary))
+            self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if len(self._inbox) >= MAX_PENDING_MESSAGES:
+        if self._inbox is not None and len(self._inbox) >= MAX_PENDING_MESSAGES:
             self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
             return
-        self._inbox.append((payload, binary))
+        self._enqueue(payload, binary)
         if self._state == _OPEN:
             self._ensure_worker()
+
+    def _enqueue(self, payload: bytes, binary: bool) -> None:
+        if self._inbox is None:
+            self._inbox = deque()
+        self._inbox.append((payload, binary))
 
     def _ensure_worker(self) -> None:
         if self._worker is None and self._inbox:
@@ -444,6 +457,8 @@ class ServerConnection(core.Outbox):
                     logger.exception("unexpected failure handling a message on %s", self.id)
         finally:
             self._worker = None
+            if not self._inbox:
+                self._inbox = None
 
     async def _handle(self, payload: bytes, binary: bool) -> None:
         try:
