@@ -23,6 +23,7 @@ cdef class Outbox:
     cdef bint _open
     cdef object _write
     cdef object _get_write_buffer_size
+    cdef int _fd
     cdef bint _send(self, bytes frame) except -1
     cdef int _flush(self) except -1
 

@@ -15,6 +15,9 @@ What lives here, and why it is the hot path:
   bytes it holds plus what the transport still buffers, and refuses a frame
   that would take the total past ``max_buffered_bytes`` (unless nothing is
   buffered: one frame larger than the cap still reaches an idle connection).
+  The compiled twin also sends straight to a plain socket whose transport
+  holds nothing (one ``send(2)``, past the transport's write path); the
+  bytes and their order are the same as through ``transport.write``.
 * :func:`fanout` queues one frame on many outboxes.
 * :class:`ReplayRing` is the bounded per-channel replay window: O(1) append,
   O(1) cursor lookup.
