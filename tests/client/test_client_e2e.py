@@ -118,7 +118,7 @@ async def test_propose_and_ping(clients: Any) -> None:
             assert unknown.accepted is False and unknown.transaction_id is None
             assert unknown.error == "unknown functionId missing for shareDataId doc"
             rtt = await client.ping()
-            assert 0 <= rtt < DEADLINE
+            assert 0 < rtt < DEADLINE, "a real round trip takes some time, even on loopback"
 
 
 @pytest.mark.timeout(60)

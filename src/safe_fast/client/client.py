@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import Any, Awaitable, Callable, Optional, Union
 from urllib.parse import quote
 
@@ -462,7 +463,9 @@ class RealtimeClient:
 
     @staticmethod
     def _now() -> float:
-        return asyncio.get_running_loop().time()
+        # Not loop.time(): uvloop's is cached per iteration at millisecond
+        # resolution, and a loopback ping round trip is well under that.
+        return time.monotonic()
 
     async def _run(self) -> None:
         core = self._core

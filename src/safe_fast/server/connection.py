@@ -254,7 +254,7 @@ class ServerHub:
         except Exception as exc:
             self._replay_failed(share_data_id, operation, exc)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
             task.add_done_callback(
                 lambda t: None
