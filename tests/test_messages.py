@@ -275,6 +275,26 @@ def test_unencodable_state_raises_encode_error(state: object) -> None:
         encode_message(StateFrame("d", state, None))
 
 
+def test_nan_is_null_on_the_standard_library_route_too() -> None:
+    # A big integer sends the whole state down the fallback; its NaN must not fail it.
+    encoded = encode_message(StateFrame("d", {"big": 2**70, "x": float("nan"), 1: [float("-inf")]}, None))
+    assert json.loads(encoded)["currentState"] == {"big": 2**70, "x": None, "1": [None]}
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "opaque!"
+
+
+def test_json_rendering_of_state_json_has_no_form_for() -> None:
+    state = {"tags": {"b", "a"}, "mixed": frozenset({1}), "obj": Opaque(), "x": float("nan"), "big": 2**70, 3: (1, 2)}
+    assert m.json_rendering(state) == {"tags": ["a", "b"], "mixed": [1], "obj": "opaque!", "x": None, "big": 2**70, "3": [1, 2]}
+    cycle: list[object] = []
+    cycle.append(cycle)
+    with pytest.raises(EncodeError, match="cannot render as JSON"):
+        m.json_rendering(cycle)
+
+
 def test_nesting_too_deep_for_the_stack_raises_encode_error() -> None:
     state: list[object] = []
     for _ in range(sys.getrecursionlimit() + 10):

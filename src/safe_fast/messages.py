@@ -17,6 +17,7 @@ Rules of this module:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Union
 
@@ -47,6 +48,7 @@ __all__ = [
     "parse_server_message",
     "encode_message",
     "encode_json",
+    "json_rendering",
     "decode_json",
 ]
 
@@ -112,20 +114,64 @@ def encode_json(obj: Any) -> bytes:
     as ``null`` (as ``JSON.stringify`` does). It refuses integers beyond 64
     bits, non-string keys and nesting deeper than 255, which an application
     may legitimately put in its state, so those take the slower
-    standard-library route instead of failing a broadcast. Content that JSON
-    cannot express at all (a set, an arbitrary object, a reference cycle,
-    nesting too deep for the interpreter's stack) raises :class:`EncodeError`.
+    standard-library route (with the same ``null`` for NaN) instead of
+    failing a broadcast. Content that JSON cannot express at all (a set, an
+    arbitrary object, a reference cycle, nesting too deep for the
+    interpreter's stack) raises :class:`EncodeError`.
     """
     try:
         return orjson.dumps(obj)
     except TypeError:
         pass
     try:
-        return json.dumps(
-            obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        try:
+            return _stdlib_dumps(obj)
+        except ValueError:
+            # NaN or an infinity (or a cycle, which fails again below).
+            return _stdlib_dumps(_finite(obj))
     except (TypeError, ValueError, RecursionError) as exc:
         raise EncodeError(f"cannot encode as JSON: {type(exc).__name__}: {exc}") from None
+
+
+def json_rendering(value: Any) -> Any:
+    """*value* as plain JSON types, for state that :func:`encode_json` refuses.
+
+    Sets become lists (sorted when their items can be), and any other object
+    JSON has no form for becomes its ``str()``; NaN and infinities become
+    ``None``. Raises :class:`EncodeError` for what has no rendering at all:
+    a reference cycle, or nesting too deep for the interpreter's stack.
+    """
+    try:
+        return json.loads(
+            json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_render)
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise EncodeError(f"cannot render as JSON: {type(exc).__name__}: {exc}") from None
+
+
+def _stdlib_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _finite(value: Any) -> Any:
+    """A copy of *value* with NaN and infinities replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _render(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        items = [_finite(item) for item in value]
+        try:
+            return sorted(items)
+        except TypeError:  # items of mixed types: their own order
+            return items
+    return str(value)
 
 
 # -- field checks ------------------------------------------------------------

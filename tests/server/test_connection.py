@@ -637,12 +637,24 @@ async def test_unencodable_state_never_breaks_the_broadcast_path(hub: ServerHub,
     assert [(m["shareDataId"], m["transactionId"]) for m in await peer.barrier() if m["shareDataId"] == "other"] == [
         ("other", "1")
     ]
-    # State that cannot be encoded at all, put there by the application.
-    share_data.current_state = object()
+    # State JSON has no form for, put there by the application: its rendering goes out.
+    share_data.current_state = {"when": Opaque(), "tags": {"b", "a"}}
     peer.send(subscribe())
-    (error,) = await peer.barrier()
-    assert error == {"v": 1, "type": "error", "code": "internal-error", "message": "state of doc cannot be encoded"}
+    (state,) = await peer.barrier()
+    assert state["type"] == "state" and state["currentState"] == {"when": "opaque!", "tags": ["a", "b"]}
+    # A cycle has no rendering at all: null, and the connection stays.
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    share_data.current_state = cycle
+    peer.send(subscribe())
+    (state,) = await peer.barrier()
+    assert state["type"] == "state" and state["currentState"] is None
     assert peer.rec.closes() == []
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "opaque!"
 
 
 # -- propose ------------------------------------------------------------------------------

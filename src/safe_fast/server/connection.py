@@ -38,12 +38,13 @@ connection, and an idle connection owns no task.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 from .._backend import core
 from .._events import EventEmitter
@@ -66,6 +67,7 @@ from ..messages import (
     TransactionFrame,
     Unsubscribe,
     encode_message,
+    json_rendering,
     parse_client_message,
 )
 from ..registry import ChannelRegistry
@@ -128,6 +130,18 @@ class ReplayWriteFailedEvent:
     share_data_id: str
     operation: str
     error: BaseException
+
+
+def _with_rendered_state(message: Any, share_data_id: str, error: EncodeError) -> Any:
+    """``message`` with its ``current_state`` replaced by what JSON can carry of it."""
+    try:
+        rendered = json_rendering(message.current_state)
+        how = "sending its JSON rendering"
+    except EncodeError:
+        rendered = None
+        how = "sending null"
+    logger.error("state in a %s frame for %r cannot be encoded (%s); %s", message.type, share_data_id, error, how)
+    return dataclasses.replace(message, current_state=rendered)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -228,21 +242,10 @@ class ServerHub:
             try:
                 result = self.registry.broadcast(share_data_id, message)
             except EncodeError as exc:
-                if not isinstance(message, TransactionFrame):
-                    logger.error("cannot broadcast %s for %r: %s", message.type, share_data_id, exc)
-                    return
-                # The transaction is recorded: skipping its frame would leave a
-                # gap in every subscriber's id sequence. Send it without the
-                # state JSON cannot hold (the shape of a replayed frame).
-                logger.error(
-                    "state after transaction %s of %r cannot be encoded (%s); broadcasting it without currentState",
-                    message.transaction_id,
-                    share_data_id,
-                    exc,
-                )
-                wire = message.to_wire()
-                del wire["currentState"]
-                result = self.registry.broadcast(share_data_id, wire)
+                # Skipping the frame would hide a change from every subscriber
+                # (and leave a gap in their transaction ids): send the state
+                # as JSON can carry it instead.
+                result = self.registry.broadcast(share_data_id, _with_rendered_state(message, share_data_id, exc))
         except Exception:
             logger.exception("registry.broadcast failed for %r", share_data_id)
             return
@@ -525,14 +528,11 @@ class ServerConnection(core.Outbox):
             registered = hub.registry.subscribe(share_data_id, self)
         else:
             registered = None
+        snapshot = StateFrame(share_data_id, share_data.current_state, share_data.last_transaction_id)
         try:
-            sent = self.send_message(
-                StateFrame(share_data_id, share_data.current_state, share_data.last_transaction_id)
-            )
+            sent = self.send_message(snapshot)
         except EncodeError as exc:
-            logger.error("cannot encode the state of %r: %s", share_data_id, exc)
-            self.send_message(ErrorFrame("internal-error", f"state of {share_data_id} cannot be encoded"))
-            return
+            sent = self.send_message(_with_rendered_state(snapshot, share_data_id, exc))
         if inspect.isawaitable(registered):
             await registered
         if not sent or not message.since:
