@@ -5,6 +5,7 @@ cdef class Flusher:
     cdef list _dirty
     cdef bint _scheduled
     cdef object _flush_all
+    cdef bint _in_round
     cdef list _joined_frames
     cdef bytes _joined
     cdef void mark(self, Outbox outbox) except *

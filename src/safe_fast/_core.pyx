@@ -23,8 +23,14 @@ cdef extern from *:
        -1 on any other error (the transport then meets it and reports it). */
     static Py_ssize_t safe_fast_try_send(int fd, const char *buf, Py_ssize_t len) {
         ssize_t n;
+        /* CPython ignores SIGPIPE, but an embedding program may not. */
+        #ifdef MSG_NOSIGNAL
+        const int flags = MSG_DONTWAIT | MSG_NOSIGNAL;
+        #else
+        const int flags = MSG_DONTWAIT;
+        #endif
         do {
-            n = send(fd, buf, (size_t)len, MSG_DONTWAIT);
+            n = send(fd, buf, (size_t)len, flags);
         } while (n < 0 && errno == EINTR);
         if (n >= 0) return (Py_ssize_t)n;
         return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
@@ -78,6 +84,7 @@ cdef class Flusher:
         self._dirty = []
         self._scheduled = False
         self._flush_all = self.flush_all
+        self._in_round = False
         self._joined_frames = []
         self._joined = b""
 
@@ -93,15 +100,21 @@ cdef class Flusher:
         self._dirty = []
         self._scheduled = False
         n = PyList_GET_SIZE(dirty)
-        for i in range(n):
-            (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
-        self._joined_frames = []
-        self._joined = b""
+        self._in_round = True
+        try:
+            for i in range(n):
+                (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
+        finally:
+            self._in_round = False
+            self._joined_frames = []
+            self._joined = b""
 
     cpdef bytes join(self, list frames):
-        """``b"".join(frames)``, reusing the previous result for the same frames."""
+        """``b"".join(frames)``, reusing this round's previous result for the same frames."""
         cdef list last = self._joined_frames
         cdef Py_ssize_t i, n = PyList_GET_SIZE(frames)
+        if not self._in_round:
+            return b"".join(frames)
         if n == PyList_GET_SIZE(last):
             for i in range(n):
                 if PyList_GET_ITEM(frames, i) != PyList_GET_ITEM(last, i):

@@ -54,15 +54,17 @@ class Flusher:
     loop runs before it next waits for I/O.
     """
 
-    __slots__ = ("loop", "_dirty", "_scheduled", "_joined_frames", "_joined")
+    __slots__ = ("loop", "_dirty", "_scheduled", "_in_round", "_joined_frames", "_joined")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self._dirty: list[Outbox] = []
         self._scheduled = False
+        self._in_round = False
         # The last frame sequence joined in this round and its bytes: after a
         # fan-out, every subscriber holds the same frames, so they are joined
-        # once per round rather than once per subscriber.
+        # once per round rather than once per subscriber. Kept only during a
+        # round, so nothing outlives it.
         self._joined_frames: list[bytes] = []
         self._joined = b""
 
@@ -77,12 +79,18 @@ class Flusher:
         # then belongs to the next round.
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
-        for outbox in dirty:
-            outbox.flush()
-        self._joined_frames, self._joined = [], b""
+        self._in_round = True
+        try:
+            for outbox in dirty:
+                outbox.flush()
+        finally:
+            self._in_round = False
+            self._joined_frames, self._joined = [], b""
 
     def join(self, frames: list[bytes]) -> bytes:
-        """``b"".join(frames)``, reusing the previous result for the same frames."""
+        """``b"".join(frames)``, reusing this round's previous result for the same frames."""
+        if not self._in_round:
+            return b"".join(frames)
         # List equality checks identity first: for a fan-out's shared frames
         # this is k pointer comparisons.
         if frames != self._joined_frames:
@@ -108,6 +116,9 @@ class Outbox:
         # An upper bound of what the transport holds: everything written since
         # it was last measured (it only drains meanwhile). Measured again only
         # when the bound reaches the cap, so a write costs no extra call.
+        # (Control frames written to the transport by others, e.g. picows'
+        # pongs, are not counted; they are a few bytes, and the measurement
+        # at the cap sees them.)
         self._transport_bytes = 0
         self._open = True
 

@@ -56,14 +56,6 @@ this protocol send small messages, so the 16 KiB default mostly sits idle."""
 # ``picows.safe_fast.server.picows``, only without the per-connection ".<fd>".
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.safe_fast.server.picows"), {})
 
-# picows 2.x runs on aiofastnet's transport whenever aiofastnet is installed
-# (a picows dependency). That transport embeds a 4 KiB iovec array: over 5 KiB
-# per connection against ~1 KiB for the event loop's own (uvloop) transport.
-# Older picows, without the option, always use the loop's transport.
-_LOOP_TRANSPORT: dict[str, Any] = (
-    {"use_aiofastnet": False} if "use_aiofastnet" in inspect.signature(picows.ws_create_server).parameters else {}
-)
-
 
 def use_uvloop() -> bool:
     """Install uvloop's event loop policy when it is available; True if it was."""
@@ -310,7 +302,11 @@ class RealtimeServer:
             read_buffer_init_size=READ_BUFFER_SIZE,
             enable_auto_pong=True,
             logger_name=_PICOWS_LOGGER,
-            **_LOOP_TRANSPORT,
+            # picows' default is aiofastnet's transport whenever aiofastnet
+            # is installed (a picows dependency). It embeds a 4 KiB iovec
+            # array: over 5 KiB per connection against ~1 KiB for the loop's
+            # own (uvloop) transport, to which the core sends directly anyway.
+            use_aiofastnet=False,
             **kwargs,
         )
         bound = self._server.sockets[0].getsockname()
