@@ -906,6 +906,15 @@ async def cancel_on_signals(coro: Any) -> Any:
                 pass
 
 
+def run_orchestrator(main: Any) -> int:
+    """Run an orchestrator coroutine; Ctrl-C or SIGTERM stops it and every child."""
+    try:
+        return asyncio.run(cancel_on_signals(main))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; every child process was stopped", file=sys.stderr)
+        return 130
+
+
 class ChildError(RuntimeError):
     pass
 

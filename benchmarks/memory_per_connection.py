@@ -162,12 +162,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main() -> int:
-    args = parse_args()
-    try:
-        return asyncio.run(h.cancel_on_signals(amain(args)))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; every child process was stopped", file=sys.stderr)
-        return 130
+    return h.run_orchestrator(amain(parse_args()))
 
 
 if __name__ == "__main__":
