@@ -289,6 +289,8 @@ class Opaque:
 def test_json_rendering_of_state_json_has_no_form_for() -> None:
     state = {"tags": {"b", "a"}, "mixed": frozenset({1}), "obj": Opaque(), "x": float("nan"), "big": 2**70, 3: (1, 2)}
     assert m.json_rendering(state) == {"tags": ["a", "b"], "mixed": [1], "obj": "opaque!", "x": None, "big": 2**70, "3": [1, 2]}
+    assert m.json_rendering({(1, 2): "pair", None: 0, True: 1}) == {"(1, 2)": "pair", "null": 0, "true": 1}
+    assert m.json_rendering({"s": {1, "a"}})["s"] in ([1, "a"], ["a", 1])  # unsortable: as they come
     cycle: list[object] = []
     cycle.append(cycle)
     with pytest.raises(EncodeError, match="cannot render as JSON"):

@@ -136,17 +136,16 @@ def encode_json(obj: Any) -> bytes:
 def json_rendering(value: Any) -> Any:
     """*value* as plain JSON types, for state that :func:`encode_json` refuses.
 
-    Sets become lists (sorted when their items can be), and any other object
-    JSON has no form for becomes its ``str()``; NaN and infinities become
-    ``None``. Raises :class:`EncodeError` for what has no rendering at all:
-    a reference cycle, or nesting too deep for the interpreter's stack.
+    Sets become lists (sorted when their items can be), keys JSON has no
+    form for and any other such object become their ``str()``, and NaN and
+    infinities become ``None``. Raises :class:`EncodeError` for what has no
+    rendering at all: a reference cycle, or nesting too deep for the
+    interpreter's stack.
     """
     try:
-        return json.loads(
-            json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_render)
-        )
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise EncodeError(f"cannot render as JSON: {type(exc).__name__}: {exc}") from None
+        return _rendered(value)
+    except RecursionError:
+        raise EncodeError("cannot render as JSON: a reference cycle or nesting too deep") from None
 
 
 def _stdlib_dumps(obj: Any) -> bytes:
@@ -164,14 +163,30 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _render(value: Any) -> Any:
+def _rendered(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_rendered_key(key): _rendered(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rendered(item) for item in value]
     if isinstance(value, (set, frozenset)):
-        items = [_finite(item) for item in value]
+        items = [_rendered(item) for item in value]
         try:
             return sorted(items)
         except TypeError:  # items of mixed types: their own order
             return items
     return str(value)
+
+
+def _rendered_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)  # as the encoder writes such keys: 1 -> "1", None -> "null"
+    return str(key)
 
 
 # -- field checks ------------------------------------------------------------
