@@ -128,7 +128,7 @@ def encode_json(obj: Any) -> bytes:
             return _stdlib_dumps(obj)
         except ValueError:
             # NaN or an infinity (or a cycle, which fails again below).
-            return _stdlib_dumps(_finite(obj))
+            return _stdlib_dumps(_jsonable(obj, lenient=False))
     except (TypeError, ValueError, RecursionError) as exc:
         raise EncodeError(f"cannot encode as JSON: {type(exc).__name__}: {exc}") from None
 
@@ -143,7 +143,7 @@ def json_rendering(value: Any) -> Any:
     interpreter's stack.
     """
     try:
-        return _rendered(value)
+        return _jsonable(value, lenient=True)
     except RecursionError:
         raise EncodeError("cannot render as JSON: a reference cycle or nesting too deep") from None
 
@@ -152,28 +152,28 @@ def _stdlib_dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def _finite(value: Any) -> Any:
-    """A copy of *value* with NaN and infinities replaced by ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
+def _jsonable(value: Any, *, lenient: bool) -> Any:
+    """A copy of *value* with NaN and infinities replaced by ``None``.
 
-
-def _rendered(value: Any) -> Any:
+    ``lenient`` also renders what JSON has no form for: sets as lists (sorted
+    when their items can be), such keys and other objects as their
+    ``str()``. Otherwise those stay as they are, for the encoder to refuse.
+    """
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {_rendered_key(key): _rendered(item) for key, item in value.items()}
+        return {
+            (_rendered_key(key) if lenient else key): _jsonable(item, lenient=lenient)
+            for key, item in value.items()
+        }
     if isinstance(value, (list, tuple)):
-        return [_rendered(item) for item in value]
+        return [_jsonable(item, lenient=lenient) for item in value]
+    if not lenient:
+        return value
     if isinstance(value, (set, frozenset)):
-        items = [_rendered(item) for item in value]
+        items = [_jsonable(item, lenient=True) for item in value]
         try:
             return sorted(items)
         except TypeError:  # items of mixed types: their own order

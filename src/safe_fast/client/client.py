@@ -623,6 +623,8 @@ class RealtimeClient:
 
 
 def _raiser(error: Optional[BaseException]) -> Callable[[], BaseException]:
+    # connect() raises the failure itself, cause chain and all; requests and
+    # subscriptions get copies instead (``_state._same``), one per waiter.
     def make() -> BaseException:
         if error is None:
             return ClientClosed("client closed")
