@@ -26,6 +26,7 @@ import os
 import struct
 from typing import Any, Awaitable, Callable, Optional, Union
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -198,8 +199,26 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> byte
     else:
         head += bytes([0x80 | 127]) + struct.pack("!Q", size)
     key = os.urandom(4)
-    masked = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
-    return bytes(head) + key + masked
+    return bytes(head) + key + _mask(payload, key)
+
+
+def _mask(payload: bytes, key: bytes) -> bytes:
+    # XOR as one big integer: fast enough for multi-megabyte payloads.
+    if not payload:
+        return b""
+    n = len(payload)
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 2 * DEADLINE) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        await asyncio.sleep(0.005)
 
 
 class RawClient:

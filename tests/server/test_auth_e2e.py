@@ -33,6 +33,7 @@ from safe_fast.auth import (
     create_share_data_authenticate,
     share_data_audience_authorizer,
 )
+from server_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,15 +156,6 @@ async def request(ws: Any, message: dict[str, Any]) -> dict[str, Any]:
 
 async def subscribe(ws: Any, share_data_id: str = "doc") -> dict[str, Any]:
     return await request(ws, {"v": 1, "type": "subscribe", "shareDataId": share_data_id})
-
-
-async def wait_until(predicate: Any, what: str, timeout: float = DEADLINE) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 # -- good tokens ------------------------------------------------------------------------------

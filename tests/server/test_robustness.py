@@ -35,6 +35,7 @@ from safe_fast import (
     attach_realtime_server,
     create_id_based_function_resolver,
 )
+from server_helpers import client_frame, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,28 +49,6 @@ _LOST = -1
 
 
 # -- a minimal WebSocket client ------------------------------------------------------------
-
-
-def _mask(payload: bytes, key: bytes) -> bytes:
-    if not payload:
-        return b""
-    n = len(payload)
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-
-
-def encode_client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
-    """One masked client-to-server frame (RFC 6455 §5.2)."""
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head.append(0x80 | n)
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    return bytes(head) + key + _mask(payload, key)
 
 
 class RawClient(asyncio.Protocol):
@@ -149,7 +128,7 @@ class RawClient(asyncio.Protocol):
     # sending
 
     def send(self, opcode: int, payload: bytes = b"", *, fin: bool = True) -> None:
-        self.transport.write(encode_client_frame(opcode, payload, fin=fin))
+        self.transport.write(client_frame(opcode, payload, fin=fin))
 
     def send_json(self, obj: Any) -> None:
         self.send(OP_TEXT, json.dumps(obj).encode())
@@ -243,16 +222,6 @@ async def raw_connect(
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        await asyncio.sleep(0.005)
 
 
 def accept_all() -> ShareFunction:
@@ -997,12 +966,12 @@ async def test_garbage_input_gets_protocol_answers_and_the_server_stays_up(
     [
         ("reserved opcode", bytes([0x83, 0x80]) + b"\0\0\0\0", 1002),
         ("unmasked frame", bytes([0x81, 0x02]) + b"{}", 1002),
-        ("continuation first", encode_client_frame(OP_CONT, b"abc"), 1002),
+        ("continuation first", client_frame(OP_CONT, b"abc"), 1002),
         ("data frame inside a fragmented message",
-         encode_client_frame(OP_TEXT, b"ab", fin=False) + encode_client_frame(OP_TEXT, b"cd"), 1002),
-        ("control frame over 125 bytes", encode_client_frame(OP_PING, b"p" * 200), 1002),
-        ("close with an invalid code", encode_client_frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
-        ("close reason not UTF-8", encode_client_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
+         client_frame(OP_TEXT, b"ab", fin=False) + client_frame(OP_TEXT, b"cd"), 1002),
+        ("control frame over 125 bytes", client_frame(OP_PING, b"p" * 200), 1002),
+        ("close with an invalid code", client_frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
+        ("close reason not UTF-8", client_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
     ],
 )
 async def test_websocket_protocol_violations_close_the_offender_only(
@@ -1030,7 +999,7 @@ async def test_reserved_bits_fail_the_connection(start_server: Any, raw_clients:
     server = await start_server(manager)
     client = await raw_clients(server.port)
     ping = json.dumps({"v": 1, "type": "ping", "correlationId": "rsv"}).encode()
-    frame = bytearray(encode_client_frame(OP_TEXT, ping))
+    frame = bytearray(client_frame(OP_TEXT, ping))
     frame[0] |= 0x40  # RSV1: meaningless without a negotiated extension
     client.transport.write(bytes(frame))
     opcode, answer = await client.recv_message()
