@@ -235,7 +235,8 @@ async def test_a_token_that_expires_while_subscribed_is_closed_with_4002(auth_se
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 6.0)
         closed_at = time.time()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4002
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4002, "token expired")
     # Not before the credential actually expired (clock granularity aside).
     assert closed_at >= expires_at - 0.1
     await wait_until(lambda: any(e.connection_id == opened.connection_id for e in auth_server.closed),

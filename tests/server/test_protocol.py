@@ -247,6 +247,15 @@ async def test_subscribe_unknown_share_data_error_then_4003(server_factory: Serv
     assert received == ['{"v":1,"type":"error","code":"unknown-share-data","message":"shareDataId nope not found"}']
 
 
+async def test_an_unknown_id_is_checked_before_the_authorizer(server_factory: ServerFactory) -> None:
+    server = await server_factory(authorize_subscribe=lambda context, share_data_id: False)
+    async with connect(server) as ws:
+        await ws.send(subscribe("nope"))
+        code, reason, received = await closed_with(ws)
+    assert (code, reason) == (CLOSE_UNKNOWN_SHARE_DATA, "unknown shareDataId")
+    assert received == ['{"v":1,"type":"error","code":"unknown-share-data","message":"shareDataId nope not found"}']
+
+
 async def test_subscribe_state_frame_exact_text(server_factory: ServerFactory) -> None:
     server = await server_factory()
     async with connect(server) as ws:
@@ -911,7 +920,7 @@ async def test_ping_between_fragments_is_answered_and_the_message_kept(server_fa
 
 
 async def test_heartbeat_keeps_answering_peers_and_drops_silent_ones(server_factory: ServerFactory) -> None:
-    server = await server_factory(heartbeat_interval=0.05)
+    server = await server_factory(heartbeat_interval=0.2)
     answering = await RawClient.open(server.port)
     silent = await RawClient.open(server.port)
     try:
@@ -953,8 +962,9 @@ async def test_close_sends_1001_to_every_client_and_is_idempotent(server_factory
             assert (code, reason, received) == (1001, "server shutting down", [])
     await asyncio.wait_for(server.close(), DEADLINE)
     assert server.connections == []
-    # Detached from the manager and no longer listening.
+    # Detached from the manager (nothing recorded for replay) and no longer listening.
     await apply(manager, 1)
+    assert server.replay_store.entries_since("doc", "1") is None
     with pytest.raises(OSError):
         async with connect(server):
             pass
