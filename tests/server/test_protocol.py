@@ -32,14 +32,15 @@ from server_helpers import (
     DEADLINE,
     RawClient,
     ServerFactory,
-    client_frame,
     allow_everybody,
     barrier,
+    client_frame,
     closed_with,
     connect,
     make_doc,
     recv_json,
     recv_raw,
+    wait_until,
     wire,
 )
 
@@ -1013,3 +1014,52 @@ async def test_replay_buffer_size_and_custom_store(server_factory: ServerFactory
     assert server.replay_store is store
     await apply(manager, 3)
     assert [e.transaction_id for e in store.entries("doc")] == ["3"]
+
+
+# -- replay store failures ---------------------------------------------------------------
+
+
+class FailingReplayStore(InMemoryReplayStore):
+    """A durable store whose writes fail, at once or inside the coroutine it returns."""
+
+    def __init__(self, fail_async: bool) -> None:
+        super().__init__()
+        self.fail_async = fail_async
+
+    def record(self, share_data_id: str, entry: Any) -> Any:
+        if not self.fail_async:
+            raise OSError("disk full")
+
+        async def write() -> None:
+            raise OSError("disk full")
+
+        return write()
+
+
+@pytest.mark.parametrize("fail_async", [False, True], ids=["sync", "async"])
+async def test_a_failing_replay_write_is_reported_and_the_broadcast_goes_on(
+    server_factory: ServerFactory, fail_async: bool
+) -> None:
+    server = await server_factory(replay_store=FailingReplayStore(fail_async))
+    failed: list[Any] = []
+    server.on("replay:write-failed", failed.append)
+    async with connect(server) as subscriber, connect(server) as proposer:
+        await subscribed(subscriber)
+        await proposer.send(propose(data={"count": 1}))
+        assert await recv_json(proposer) == {
+            "v": 1,
+            "type": "proposal-result",
+            "correlationId": "c-1",
+            "accepted": True,
+            "transactionId": "1",
+        }
+        frame = await recv_json(subscriber)
+        assert (frame["type"], frame["transactionId"], frame["currentState"]) == ("transaction", "1", {"count": 1})
+        await wait_until(lambda: failed, "replay:write-failed")
+    (event,) = failed
+    assert (event.share_data_id, event.operation, type(event.error), str(event.error)) == (
+        "doc",
+        "record",
+        OSError,
+        "disk full",
+    )
