@@ -9,6 +9,7 @@ HTTP statuses). The sans-I/O twin of these tests is ``test_connection.py``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import socket
@@ -1063,3 +1064,47 @@ async def test_a_failing_replay_write_is_reported_and_the_broadcast_goes_on(
         OSError,
         "disk full",
     )
+
+
+# -- order of checks, limits and defaults ----------------------------------------------------
+
+
+async def test_a_refused_subscribe_with_a_cursor_sends_no_replay(server_factory: ServerFactory) -> None:
+    server = await server_factory(authorize_subscribe=lambda context, share_data_id: False)
+    async with connect(server) as ws:
+        await ws.send(subscribe(since="1"))
+        assert [m["code"] for m in await barrier(ws)] == ["unauthorized-subscribe"]
+
+
+async def test_propose_checks_the_id_then_the_authorizer(server_factory: ServerFactory) -> None:
+    server = await server_factory(
+        authorize_propose=lambda context, share_data_id, function_id: False, resolve_function=None
+    )
+    async with connect(server) as ws:
+        await ws.send(propose(share_data_id="ghost", correlation_id="a"))
+        await ws.send(propose(correlation_id="b"))
+        assert await barrier(ws) == [
+            {"v": 1, "type": "proposal-result", "correlationId": "a", "accepted": False,
+             "error": "shareDataId ghost not found"},
+            {"v": 1, "type": "proposal-result", "correlationId": "b", "accepted": False,
+             "error": "unauthorized-propose: not allowed to invoke inc on doc"},
+        ]
+
+
+async def test_max_message_size_is_inclusive(server_factory: ServerFactory) -> None:
+    server = await server_factory(max_message_size=4096)
+    padding = 4096 - len(wire(type="ping", correlationId="").encode())
+    async with connect(server) as ws:
+        await ws.send(wire(type="ping", correlationId="x" * padding))
+        assert (await recv_json(ws))["correlationId"] == "x" * padding
+        await ws.send(wire(type="ping", correlationId="x" * (padding + 1)))
+        code, _, _ = await closed_with(ws)
+    assert code == 1009
+
+
+def test_documented_defaults() -> None:
+    parameters = inspect.signature(attach_realtime_server).parameters
+    assert parameters["heartbeat_interval"].default == 30.0
+    assert parameters["max_buffered_bytes"].default == 1024 * 1024
+    assert parameters["max_message_size"].default == 8 * 1024 * 1024
+    assert parameters["replay_buffer_size"].default == 100
