@@ -142,10 +142,11 @@ class ScriptedConnection(picows.WSListener):  # type: ignore[misc]
         """The next received message of type ``kind`` (others are skipped)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
+        while loop.time() < deadline:
             message = await self.recv(max(0.001, deadline - loop.time()))
             if message.get("type") == kind:
                 return message
+        raise AssertionError(f"no {kind!r} message within {timeout}s")
 
 
 class ScriptedServer:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
-from safe_fast.client import Backoff, next_backoff_delay
+from safe_fast.client import Backoff, RealtimeClient, next_backoff_delay
 
 
 def fixed(value: float):
@@ -68,3 +70,9 @@ def test_default_random_stays_within_bounds() -> None:
 def test_invalid_backoff(kwargs: dict) -> None:
     with pytest.raises((ValueError, TypeError)):
         Backoff(**kwargs)
+
+
+def test_client_defaults_match_the_reference_client() -> None:
+    parameters = inspect.signature(RealtimeClient).parameters
+    assert parameters["max_queue_size"].default == 100
+    assert parameters["request_timeout"].default == 30.0
