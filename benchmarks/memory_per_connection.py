@@ -58,8 +58,14 @@ async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]
         await gens[0].expect("CONNECTED", 75)
         await gens[0].ask("close", "CLOSED", 30)
         deadline = time.monotonic() + 10
-        while int((await server.ask("subs", "SUBS"))[0]) and time.monotonic() < deadline:
+        while True:
+            left = int((await server.ask("subs", "SUBS"))[0])
+            if not left or time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.05)
+        if left:
+            # A baseline taken with warm-up connections still held would hide their cost.
+            raise h.ChildError(f"{left} warm-up connections still open after 10 s")
         await asyncio.sleep(0.2)
         before = [int(x) for x in await server.ask("rss", "RSS")]
 

@@ -19,6 +19,7 @@ from safe_fast.client import (
     SubscriptionRejected,
     Unauthorized,
 )
+from safe_fast.client._state import ClientProtocol, PendingRequest
 from safe_fast.replay import InMemoryReplayStore, ReplayEntry
 from safe_fast.server import attach_realtime_server, create_id_based_function_resolver
 from safe_fast.sharedata import ShareData, ShareFunction
@@ -231,6 +232,106 @@ async def test_timeout_counts_from_the_call_while_queued(clients: Any) -> None:
         assert manager.get_share_data_by_id("doc").last_transaction_id is None
     finally:
         await server.close()
+
+
+class RequestTimerSpy:
+    """Records the request timeouts the client arms on ``loop``, and their firing.
+
+    A timeout reaches the client's core only as ``ClientProtocol.request_timed_out``
+    (see ``_state.py``), so every timer with that callback is a request's
+    timeout. ``call_later`` goes through ``call_at`` on asyncio's loops, so
+    wrapping ``call_at`` sees both; were that ever not so, ``armed`` would
+    stay empty and the test using the spy would fail, not pass vacuously.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.armed: list[tuple[asyncio.TimerHandle, PendingRequest]] = []
+        self.fired: list[tuple[PendingRequest, bool]] = []
+        """``(request, request.done right after its timeout callback ran)``."""
+
+    def __enter__(self) -> "RequestTimerSpy":
+        real_call_at = self.loop.call_at
+
+        def call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__func__", None) is not ClientProtocol.request_timed_out:
+                return real_call_at(when, callback, *args, **kwargs)
+            (request,) = args
+
+            def fire(request: PendingRequest) -> None:
+                callback(request)
+                self.fired.append((request, request.done))
+
+            handle = real_call_at(when, fire, request, **kwargs)
+            self.armed.append((handle, request))
+            return handle
+
+        self.loop.call_at = call_at  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        del self.loop.call_at  # back to the class's method
+
+
+async def test_a_queued_request_sent_on_reconnect_keeps_the_timer_armed_at_the_call(clients: Any) -> None:
+    timeout = 2.0  # long enough for the reconnect to come first (checked below)
+    outage = 0.3  # the request waits in the queue at least this long
+    loop = asyncio.get_running_loop()
+    release, rule_started, rule_finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def held(current: Any, proposed: Any) -> bool:
+        # Keeps the proposal in flight (sent, unanswered) until the test releases it.
+        rule_started.set()
+        try:
+            await asyncio.wait_for(release.wait(), DEADLINE)
+        finally:
+            rule_finished.set()
+        return True
+
+    manager = make_manager("doc")
+    manager.get_share_data_by_id("doc").functions.append(ShareFunction("held", held))
+    server = await start_server(manager)
+    port = server.port
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    await client.connect()
+    await server.close()
+    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+
+    with RequestTimerSpy(loop) as spy:
+        before_call = loop.time()
+        proposal = asyncio.ensure_future(client.propose("doc", "held", 1, timeout=timeout))
+        await asyncio.sleep(0)  # lets the call run to its first suspension, past arming its timer
+        after_call = loop.time()
+        assert client.state == "reconnecting" and not proposal.done()
+        assert len(spy.armed) == 1, "the timeout is armed at the call, while the request is queued"
+        call_timer, request = spy.armed[0]
+        assert request.status == "queued"
+        assert before_call + timeout <= call_timer.when() <= after_call + timeout
+
+        await asyncio.sleep(outage)
+        server_back_at = loop.time()  # nothing can be sent before this
+        server = await start_server(manager, port=port)
+        try:
+            await eventually(lambda: rule_started.is_set() or proposal.done(), what="the proposal to reach the server")
+            assert rule_started.is_set(), "premise: the reconnect must come before the timeout"
+            assert request.status == "sent" and not proposal.done()
+            # Still the timer from the call, not replaced at the send: its
+            # deadline is at least `outage` earlier than send time + timeout.
+            assert [handle for handle, _ in spy.armed] == [call_timer]
+            assert not call_timer.cancelled()
+            assert call_timer.when() < server_back_at + timeout
+
+            await eventually(lambda: bool(spy.fired), what="the call's timer to fire")
+            assert spy.fired == [(request, True)]  # and its firing settled the request
+            with pytest.raises(RequestTimeout) as info:
+                await asyncio.wait_for(proposal, DEADLINE)
+            assert info.value.queued is False  # it timed out in flight, after being sent
+        finally:
+            release.set()
+            if rule_started.is_set():
+                await asyncio.wait_for(rule_finished.wait(), DEADLINE)
+            await server.close()
 
 
 async def test_timeout_of_a_sent_request(clients: Any) -> None:

@@ -299,9 +299,17 @@ async def test_4003_without_an_error_frame_drops_the_first_unanswered(scripted_s
     await eventually(lambda: a.last_transaction_id == "3", what="state of a")
     first.close(4003, "unknown shareDataId")
     second = await server.next_connection()
-    assert await second.recv_type("subscribe") == {"v": 1, "type": "subscribe", "shareDataId": "a", "since": "3"}
-    await asyncio.sleep(0.1)
-    assert second.received.empty()  # b is not subscribed again
+    resubscribe_a = {"v": 1, "type": "subscribe", "shareDataId": "a", "since": "3"}
+    assert await second.recv() == resubscribe_a
+    # Barrier: the resubscribes are written at the open, before this ping can
+    # be; the connection is ordered, so once the server has the ping it has
+    # everything the client sent before it, including any subscribe for b.
+    barrier = asyncio.ensure_future(client.ping())
+    ping = await second.recv()
+    assert ping["type"] == "ping"
+    assert second.all_received == [resubscribe_a, ping]  # b is not subscribed again
+    second.answer(ping)  # auto_answer is off; answered, the ping leaves nothing pending
+    await asyncio.wait_for(barrier, DEADLINE)
     assert b.is_detached and not a.is_detached
     rejected = [e for e in recorder.errors() if isinstance(e, SubscriptionRejected)]
     assert [e.share_data_id for e in rejected] == ["b"]

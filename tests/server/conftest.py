@@ -8,6 +8,9 @@
   ``manager`` fixture, an ``authenticate`` that admits everybody and the
   id-based resolver on that manager; keyword arguments override any of them.
   Every server it started is closed at teardown.
+* ``raw_clients``: ``await raw_clients(port, **options)`` opens a
+  :class:`RawClient` (options as :meth:`RawClient.open`); every one still
+  open is aborted at teardown.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from safe_fast import RealtimeServer, ShareDataManager, attach_realtime_server, create_id_based_function_resolver
-from server_helpers import DEADLINE, ServerFactory, allow_everybody, make_doc
+from server_helpers import DEADLINE, RawClient, RawClientFactory, ServerFactory, allow_everybody, make_doc
 
 
 @pytest.fixture
@@ -49,3 +52,19 @@ async def server_factory(manager: ShareDataManager) -> AsyncIterator[ServerFacto
     yield start
     for server in servers:
         await asyncio.wait_for(server.close(), DEADLINE * 2)
+
+
+@pytest.fixture
+async def raw_clients() -> AsyncIterator[RawClientFactory]:
+    made: list[RawClient] = []
+
+    async def open_client(port: int, **options: Any) -> RawClient:
+        client = await RawClient.open(port, **options)
+        made.append(client)
+        return client
+
+    yield open_client
+    for client in made:
+        if client.transport is not None and not client.transport.is_closing():
+            client.transport.abort()
+    await asyncio.sleep(0)  # let the aborted transports call connection_lost

@@ -7,11 +7,13 @@
   no proxy, no client pings, no size limit on what it receives).
 * ``recv_json`` / ``recv_raw`` / ``send_json`` / ``closed_with`` /
   ``barrier``: bounded waits on a client.
+* ``subscribe`` / ``propose``: client messages as JSON text;
+  ``apply_transactions``: transactions straight through a manager.
 * ``decode_frames``: server-to-client (unmasked) WebSocket frames out of raw
   bytes, for the sans-I/O tests.
-* ``RawClient``: a hand-rolled WebSocket client on a plain TCP stream, for
-  frames a library client will not send (empty close frames, broken
-  fragmentation, unanswered pings).
+* ``RawClient``: a hand-rolled WebSocket client on a plain TCP connection, for
+  what a library client will not do (send malformed or broken frames, ignore
+  pings, stop reading, reset the connection).
 
 Every wait here is bounded by :data:`DEADLINE`; reaching it fails the test.
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import itertools
 import json
 import os
+import socket
 import struct
 from typing import Any, Awaitable, Callable, Optional, Union
 
@@ -31,7 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from safe_fast import RealtimeServer, ShareData, ShareFunction
+from safe_fast import RealtimeServer, ShareData, ShareDataManager, ShareFunction
 
 DEADLINE = 5.0
 """Upper bound of any single wait in the server tests (a failure, never a pass)."""
@@ -56,6 +60,45 @@ def make_doc(share_data_id: str = "doc", state: Any = None) -> ShareData:
 
 def allow_everybody(request: Any) -> dict[str, str]:
     return {"subject": "alice"}
+
+
+# -- messages and transactions ----------------------------------------------------------
+
+
+def wire(**fields: Any) -> str:
+    """A client message as JSON text, ``v: 1`` included."""
+    return json.dumps({"v": 1, **fields})
+
+
+def subscribe(share_data_id: str = "doc", since: Optional[str] = None) -> str:
+    """A ``subscribe`` message; without ``since`` when it is None."""
+    if since is None:
+        return wire(type="subscribe", shareDataId=share_data_id)
+    return wire(type="subscribe", shareDataId=share_data_id, since=since)
+
+
+def propose(
+    function_id: str = "inc", data: Any = None, *, correlation_id: str = "c-1", share_data_id: str = "doc"
+) -> str:
+    """A ``propose`` message (``proposedData`` is always there: null for None)."""
+    return wire(
+        type="propose",
+        shareDataId=share_data_id,
+        functionId=function_id,
+        proposedData=data,
+        correlationId=correlation_id,
+    )
+
+
+async def apply_transactions(
+    manager: ShareDataManager, count: int, function_id: str = "inc", share_data_id: str = "doc"
+) -> None:
+    """``count`` transactions straight through the manager, proposing ``{"count": 1}``, ``{"count": 2}``, ..."""
+    share_data = manager.get_share_data_by_id(share_data_id)
+    assert share_data is not None
+    function = next(f for f in share_data.functions if f.id == function_id)
+    for i in range(count):
+        await manager.apply_transaction(share_data_id, {"count": i + 1}, function)
 
 
 # -- a client --------------------------------------------------------------------------
@@ -141,37 +184,76 @@ async def barrier(ws: ClientConnection) -> list[dict[str, Any]]:
 # -- frames (sans-I/O) -----------------------------------------------------------------
 
 
-def decode_frames(data: Union[bytes, bytearray]) -> list[tuple[bool, int, bytes]]:
+Frame = tuple[bool, int, bytes]
+"""A WebSocket frame as ``(fin, opcode, payload)``."""
+
+
+def parse_server_frame(data: Union[bytes, bytearray], start: int = 0) -> Optional[tuple[Frame, int, list[str]]]:
+    """The server-to-client frame at ``data[start:]``: ``(frame, end, problems)``; None if incomplete.
+
+    ``problems`` names what RFC 6455 forbids a server here: a masked frame
+    (§5.1), a reserved bit without a negotiated extension, a length not in
+    its shortest form (§5.2).
+    """
+    available = len(data)
+    if available - start < 2:
+        return None
+    first, second = data[start], data[start + 1]
+    problems: list[str] = []
+    if first & 0x70:
+        problems.append("reserved bits set")
+    masked = bool(second & 0x80)
+    if masked:
+        problems.append("server frames must not be masked")
+    size = second & 0x7F
+    pos = start + 2
+    if size == 126:
+        if available < pos + 2:
+            return None
+        (size,) = struct.unpack_from("!H", data, pos)
+        pos += 2
+        if size < 126:
+            problems.append("non-minimal length")
+    elif size == 127:
+        if available < pos + 8:
+            return None
+        (size,) = struct.unpack_from("!Q", data, pos)
+        pos += 8
+        if size < 65536:
+            problems.append("non-minimal length")
+    key = b""
+    if masked:
+        if available < pos + 4:
+            return None
+        key = bytes(data[pos : pos + 4])
+        pos += 4
+    if available < pos + size:
+        return None
+    payload = bytes(data[pos : pos + size])
+    if masked:
+        payload = _mask(payload, key)  # already a problem, but keep the frame readable
+    return (bool(first & 0x80), first & 0x0F, payload), pos + size, problems
+
+
+def decode_frames(data: Union[bytes, bytearray]) -> list[Frame]:
     """Split server-to-client bytes into ``(fin, opcode, payload)`` frames.
 
     Server frames must be unmasked (RFC 6455 §5.1); a masked one, a reserved
-    bit or a truncated frame fails the assertion.
+    bit, a non-minimal length or a truncated frame fails the assertion.
     """
-    frames: list[tuple[bool, int, bytes]] = []
+    frames: list[Frame] = []
     view = bytes(data)
     pos = 0
-    while pos < len(view):
-        assert len(view) - pos >= 2, "truncated frame header"
-        first, second = view[pos], view[pos + 1]
-        assert first & 0x70 == 0, "reserved bits set"
-        assert second & 0x80 == 0, "server frames must not be masked"
-        size = second & 0x7F
-        pos += 2
-        if size == 126:
-            (size,) = struct.unpack_from("!H", view, pos)
-            assert size >= 126, "non-minimal length"
-            pos += 2
-        elif size == 127:
-            (size,) = struct.unpack_from("!Q", view, pos)
-            assert size >= 65536, "non-minimal length"
-            pos += 8
-        assert len(view) - pos >= size, "truncated frame payload"
-        frames.append((bool(first & 0x80), first & 0x0F, view[pos : pos + size]))
-        pos += size
+    while pos < len(view):  # bounded: every frame moves pos forward by 2 bytes at least
+        parsed = parse_server_frame(view, pos)
+        assert parsed is not None, "truncated frame"
+        frame, pos, problems = parsed
+        assert problems == [], problems
+        frames.append(frame)
     return frames
 
 
-def frame_json(frame: tuple[bool, int, bytes]) -> dict[str, Any]:
+def frame_json(frame: Frame) -> dict[str, Any]:
     """The JSON object of one final text frame."""
     fin, opcode, payload = frame
     assert fin and opcode == 0x1, f"expected a final text frame, got fin={fin} opcode={opcode}"
@@ -180,12 +262,10 @@ def frame_json(frame: tuple[bool, int, bytes]) -> dict[str, Any]:
     return message
 
 
-def wire(**fields: Any) -> str:
-    """A client message as JSON text, ``v: 1`` included."""
-    return json.dumps({"v": 1, **fields})
+# -- a raw client (for what a library client will not do) -------------------------------
 
-
-# -- a raw client (for what a library client will not send) ----------------------------
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
@@ -221,56 +301,174 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.005)
 
 
-class RawClient:
-    """A WebSocket client over a plain TCP stream: frames in and out, nothing hidden."""
+class RawClient(asyncio.Protocol):
+    """A hand-rolled WebSocket client on a plain TCP connection: every frame it gets, nothing hidden.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    Made by :meth:`open` (or the ``raw_clients`` fixture, which also aborts it
+    at teardown). Server frames queue up in ``frames`` as ``(fin, opcode,
+    payload)``; a None there marks the end of the TCP connection. Pings are
+    counted in ``pings`` and answered only when ``auto_pong`` is true.
+    ``transport.pause_reading()`` turns it into a peer that stops reading.
+
+    A server frame that breaks RFC 6455 (or is fragmented, which this server
+    never does) is noted in ``problems`` and fails the next :meth:`recv`.
+    """
+
+    def __init__(self, auto_pong: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self.auto_pong = auto_pong
+        self.transport: Optional[asyncio.Transport] = None
+        self.buffer = bytearray()
+        self.head: asyncio.Future[bytes] = loop.create_future()
+        self.lost: asyncio.Future[Optional[BaseException]] = loop.create_future()
+        self.frames: asyncio.Queue[Optional[Frame]] = asyncio.Queue()
+        self.pings = 0
+        self.problems: list[str] = []
 
     @classmethod
-    async def open(cls, port: int, target: str = "/realtime") -> "RawClient":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), DEADLINE)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
+    async def open(
+        cls, port: int, *, path: str = "/realtime", auto_pong: bool = True, rcvbuf: Optional[int] = None
+    ) -> "RawClient":
+        """Connect to 127.0.0.1:``port`` and complete the upgrade (101 and a correct accept key)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if rcvbuf is not None:
+            # Before connect, so the advertised window is small from the start.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), DEADLINE)
+            _, client = await loop.create_connection(lambda: cls(auto_pong), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        key = base64.b64encode(os.urandom(16))
+        client.send_raw(
+            b"GET " + path.encode() + b" HTTP/1.1\r\n"
+            b"Host: 127.0.0.1:" + str(port).encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
+        head = await asyncio.wait_for(client.head, DEADLINE)
+        status_line, *header_lines = head.split(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 101"), head
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        expected_accept = base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+        assert headers.get(b"sec-websocket-accept") == expected_accept, head
+        return client
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.head.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.head.set_result(bytes(self.buffer[:end]))
+            del self.buffer[: end + 4]
+        for _ in range(len(self.buffer) // 2 + 1):  # a frame takes at least 2 bytes
+            parsed = parse_server_frame(self.buffer)
+            if parsed is None:
+                return
+            frame, end, problems = parsed
+            del self.buffer[:end]
+            self.problems += problems
+            fin, opcode, payload = frame
+            if not fin:
+                self.problems.append("server sent a fragmented frame")
+            if opcode == OP_PING:
+                self.pings += 1
+                if self.auto_pong and not self.transport.is_closing():
+                    self.send(OP_PONG, payload)
+            self.frames.put_nowait(frame)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectionError("connection lost before the upgrade response"))
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.frames.put_nowait(None)
+
+    # sending
 
     def send(self, opcode: int, payload: bytes = b"", *, fin: bool = True) -> None:
-        self.writer.write(client_frame(opcode, payload, fin=fin))
+        self.transport.write(client_frame(opcode, payload, fin=fin))
 
-    async def recv(self) -> Optional[tuple[bool, int, bytes]]:
-        """The next server frame as ``(fin, opcode, payload)``; None at EOF."""
+    def send_raw(self, data: bytes) -> None:
+        """Bytes exactly as given: for frames :func:`client_frame` would not build."""
+        self.transport.write(data)
 
-        async def read() -> Optional[tuple[bool, int, bytes]]:
-            try:
-                head = await self.reader.readexactly(2)
-            except asyncio.IncompleteReadError:
-                return None
-            size = head[1] & 0x7F
-            if size == 126:
-                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif size == 127:
-                (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(size)
-            (frame,) = decode_frames(head[:1] + _length(size) + payload)
-            return frame
+    def send_json(self, obj: Any) -> None:
+        self.send(OP_TEXT, json.dumps(obj).encode())
 
-        return await asyncio.wait_for(read(), DEADLINE)
+    # receiving
+
+    async def recv(self, timeout: float = DEADLINE) -> Optional[Frame]:
+        """The next server frame; None once the TCP connection has ended."""
+        if self.frames.empty() and self.lost.done():
+            return None  # the end-of-connection marker was already taken
+        frame = await asyncio.wait_for(self.frames.get(), timeout)
+        assert self.problems == [], self.problems
+        return frame
+
+    def take_received(self) -> list[Optional[Frame]]:
+        """Every frame already queued, without waiting (None: the connection ended there)."""
+        return [self.frames.get_nowait() for _ in range(self.frames.qsize())]
+
+    async def recv_message(self, *, skip_transactions: bool = True, timeout: float = DEADLINE) -> tuple[Optional[int], Any]:
+        """The next data message (decoded) or close frame.
+
+        Skips pings, pongs and (by default) live ``transaction`` broadcasts,
+        which may arrive between a request and its reply. Returns ``(opcode,
+        value)``: a decoded JSON value for a data frame, ``(code, reason)``
+        for a close frame (code None when it has none), ``(None, None)``
+        once the TCP connection has ended.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for _ in range(10_000):
+            frame = await self.recv(max(0.0, deadline - loop.time()))
+            if frame is None:
+                return None, None
+            _fin, opcode, payload = frame
+            if opcode in (OP_PONG, OP_PING):
+                continue
+            if opcode == OP_CLOSE:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                return OP_CLOSE, (code, payload[2:].decode("utf-8", "replace"))
+            message = json.loads(payload)
+            if skip_transactions and message.get("type") == "transaction":
+                continue
+            return opcode, message
+        raise AssertionError("10,000 frames skipped and still no message")
+
+    async def request(self, obj: Any, *, timeout: float = DEADLINE) -> Any:
+        """Send ``obj`` as JSON and return the next data message (see :meth:`recv_message`)."""
+        self.send_json(obj)
+        opcode, message = await self.recv_message(timeout=timeout)
+        assert opcode in (OP_TEXT, OP_BINARY), (opcode, message)
+        return message
+
+    async def subscribe(self, share_data_id: str) -> dict[str, Any]:
+        """Subscribe and return the state frame."""
+        state = await self.request({"v": 1, "type": "subscribe", "shareDataId": share_data_id})
+        assert state["type"] == "state" and state["shareDataId"] == share_data_id, state
+        return state
 
     async def close_frame(self) -> tuple[int, bytes]:
-        """Skip data frames until the server's close frame: ``(code, reason)``."""
+        """Skip other frames until the server's close frame: ``(code, reason)``, 1005 for no code."""
         for _ in range(1000):
             frame = await self.recv()
             assert frame is not None, "EOF before a close frame"
-            if frame[1] == 0x8:
-                payload = frame[2]
+            _fin, opcode, payload = frame
+            if opcode == OP_CLOSE:
                 return (struct.unpack("!H", payload[:2])[0] if payload else 1005), payload[2:]
         raise AssertionError("no close frame")
 
@@ -281,13 +479,22 @@ class RawClient:
                 return
         raise AssertionError("the server never dropped the connection")
 
-    def close(self) -> None:
-        self.writer.close()
+    # ending
+
+    async def finish_close(self) -> None:
+        """Answer the server's close frame and wait for the TCP connection to end."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.send(OP_CLOSE, b"")
+            self.transport.close()
+        await asyncio.wait_for(asyncio.shield(self.lost), DEADLINE)
+
+    def reset(self) -> None:
+        """Vanish with a TCP RST (SO_LINGER 0), no close handshake."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
 
-def _length(size: int) -> bytes:
-    if size < 126:
-        return bytes([size])
-    if size < 65536:
-        return bytes([126]) + struct.pack("!H", size)
-    return bytes([127]) + struct.pack("!Q", size)
+RawClientFactory = Callable[..., Awaitable[RawClient]]
+"""The ``raw_clients`` fixture: ``await raw_clients(port, **options of RawClient.open)``."""

@@ -30,7 +30,16 @@ from safe_fast import (
 from safe_fast._backend import core
 from safe_fast.server.connection import MAX_PENDING_MESSAGES, ServerConnection, ServerHub
 
-from server_helpers import DEADLINE, decode_frames, frame_json, make_doc, wire
+from server_helpers import (
+    DEADLINE,
+    apply_transactions,
+    decode_frames,
+    frame_json,
+    make_doc,
+    propose,
+    subscribe,
+    wire,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -180,31 +189,6 @@ async def hub(make_hub: Callable[..., ServerHub]) -> ServerHub:
     return make_hub()
 
 
-def subscribe(share_data_id: str = "doc", since: Optional[str] = None) -> dict[str, Any]:
-    message = {"type": "subscribe", "shareDataId": share_data_id}
-    if since is not None:
-        message["since"] = since
-    return message
-
-
-def propose(function_id: str = "inc", data: Any = None, share_data_id: str = "doc", correlation_id: str = "c-1") -> dict[str, Any]:
-    return {
-        "type": "propose",
-        "shareDataId": share_data_id,
-        "functionId": function_id,
-        "proposedData": data,
-        "correlationId": correlation_id,
-    }
-
-
-async def apply(manager: ShareDataManager, count: int, function_id: str = "inc") -> None:
-    share_data = manager.get_share_data_by_id("doc")
-    assert share_data is not None
-    function = next(f for f in share_data.functions if f.id == function_id)
-    for i in range(count):
-        await manager.apply_transaction("doc", {"count": i + 1}, function)
-
-
 # -- ping and invalid messages ------------------------------------------------------------
 
 
@@ -317,7 +301,7 @@ async def test_subscribe_twice_sends_state_twice_but_registers_once(hub: ServerH
     peer.send(subscribe())
     peer.send(subscribe())
     assert [m["type"] for m in await peer.next(2)] == ["state", "state"]
-    await apply(manager, 1)
+    await apply_transactions(manager, 1)
     assert [m["transactionId"] for m in await peer.barrier()] == ["1"]
     assert hub.registry.subscribers("doc") == [peer.conn]
 
@@ -368,7 +352,7 @@ async def test_subscribe_authorizer_false_or_raising_is_not_fatal(make_hub: Call
 async def test_state_last_transaction_id_comes_from_the_full_history(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:
     store = InMemoryReplayStore(2)
     hub = make_hub(replay_store=store)
-    await apply(manager, 5)
+    await apply_transactions(manager, 5)
     assert [e.transaction_id for e in store.entries("doc")] == ["4", "5"]
     peer = Peer(hub)
     peer.send(subscribe())
@@ -378,8 +362,8 @@ async def test_state_last_transaction_id_comes_from_the_full_history(make_hub: C
 
 
 async def test_replay_after_cursor(hub: ServerHub, manager: ShareDataManager) -> None:
-    await apply(manager, 2)
-    await apply(manager, 1, "never")
+    await apply_transactions(manager, 2)
+    await apply_transactions(manager, 1, "never")
     peer = Peer(hub)
     peer.send(subscribe(since="1"))
     messages = await peer.barrier()
@@ -391,7 +375,7 @@ async def test_replay_after_cursor(hub: ServerHub, manager: ShareDataManager) ->
 
 
 async def test_state_and_replay_leave_in_one_write(hub: ServerHub, manager: ShareDataManager) -> None:
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     peer = Peer(hub)
     peer.send(subscribe(since="1"))
     assert len(await peer.next(3)) == 3
@@ -400,7 +384,7 @@ async def test_state_and_replay_leave_in_one_write(hub: ServerHub, manager: Shar
 
 @pytest.mark.parametrize("since", ["", None])
 async def test_no_cursor_means_state_only(hub: ServerHub, manager: ShareDataManager, since: Optional[str]) -> None:
-    await apply(manager, 2)
+    await apply_transactions(manager, 2)
     peer = Peer(hub)
     peer.send(subscribe(since=since))
     assert [m["type"] for m in await peer.barrier()] == ["state"]
@@ -408,7 +392,7 @@ async def test_no_cursor_means_state_only(hub: ServerHub, manager: ShareDataMana
 
 @pytest.mark.parametrize("since", ["01", "0", "9", "x", " 1"])
 async def test_cursor_not_in_window(hub: ServerHub, manager: ShareDataManager, since: str) -> None:
-    await apply(manager, 2)
+    await apply_transactions(manager, 2)
     peer = Peer(hub)
     peer.send(subscribe(since=since))
     messages = await peer.barrier()
@@ -433,7 +417,7 @@ async def test_cursor_with_empty_window_is_not_found(hub: ServerHub) -> None:
 
 async def test_evicted_cursor_is_not_found(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:
     hub = make_hub(replay_store=InMemoryReplayStore(3))
-    await apply(manager, 5)
+    await apply_transactions(manager, 5)
     peer = Peer(hub)
     peer.send(subscribe(since="2"))
     assert [(m["type"], m.get("code")) for m in await peer.barrier()] == [
@@ -449,7 +433,7 @@ async def test_evicted_cursor_is_not_found(make_hub: Callable[..., ServerHub], m
 
 
 async def test_newest_cursor_sends_nothing_after_state(hub: ServerHub, manager: ShareDataManager) -> None:
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     peer = Peer(hub)
     peer.send(subscribe(since="3"))
     assert [m["type"] for m in await peer.barrier()] == ["state"]
@@ -485,7 +469,7 @@ async def test_async_replay_store_is_awaited(make_hub: Callable[..., ServerHub],
             self.inner.forget(share_data_id)
 
     hub = make_hub(replay_store=AsyncStore())
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     for _ in range(5):
         await asyncio.sleep(0)  # let the record() tasks run
     peer = Peer(hub)
@@ -506,8 +490,8 @@ async def test_live_transactions_accepted_and_rejected_reach_subscribers(hub: Se
     second.send(subscribe())
     await first.next()
     await second.next()
-    await apply(manager, 1)
-    await apply(manager, 1, "never")
+    await apply_transactions(manager, 1)
+    await apply_transactions(manager, 1, "never")
     expected = [
         {"v": 1, "type": "transaction", "shareDataId": "doc", "transactionId": "1", "accepted": True, "currentState": {"count": 1}},
         {"v": 1, "type": "transaction", "shareDataId": "doc", "transactionId": "2", "accepted": False, "currentState": {"count": 1}},
@@ -527,7 +511,7 @@ async def test_unsubscribe_stops_frames(hub: ServerHub, manager: ShareDataManage
     peer.send({"type": "unsubscribe", "shareDataId": "doc"})
     peer.send({"type": "unsubscribe", "shareDataId": "never-subscribed"})
     assert await peer.barrier() == []
-    await apply(manager, 2)
+    await apply_transactions(manager, 2)
     assert await peer.barrier() == []
     assert hub.registry.subscribers("doc") == []
     assert peer.rec.closes() == []
@@ -547,7 +531,7 @@ async def test_lifecycle_removed_is_terminal(hub: ServerHub, manager: ShareDataM
     peer = Peer(hub)
     peer.send(subscribe())
     await peer.next()
-    await apply(manager, 2)
+    await apply_transactions(manager, 2)
     assert hub.replay_store.entries_since("doc", "1") == [ReplayEntry("2", True)]
     manager.remove_share_data_by_id("doc")
     assert await peer.barrier() == [
@@ -560,7 +544,7 @@ async def test_lifecycle_removed_is_terminal(hub: ServerHub, manager: ShareDataM
     assert hub.replay_store.entries_since("doc", "1") is None
     # A re-created "doc" starts clean and the old subscriber hears nothing of it.
     manager.add_share_data(make_doc())
-    await apply(manager, 1)
+    await apply_transactions(manager, 1)
     assert await peer.barrier() == []
     assert hub.replay_store.entries_since("doc", "1") == []
 
@@ -596,7 +580,7 @@ async def test_lifecycle_removed_is_terminal_with_a_registry_without_remove_chan
     assert [m["event"] for m in await peer.barrier()] == ["removed"]
     assert registry.inner.subscribers("doc") == []
     manager.add_share_data(make_doc())
-    await apply(manager, 1)
+    await apply_transactions(manager, 1)
     assert await peer.barrier() == []
     other.conn.disconnected(1000, "")
     assert registry.inner.channel_count() == 0
@@ -812,27 +796,40 @@ async def test_propose_on_a_removed_share_data_reports_the_key_error_words(make_
 # -- ordering -----------------------------------------------------------------------------
 
 
-async def test_messages_of_one_connection_keep_arrival_order_behind_an_async_hook(make_hub: Callable[..., ServerHub]) -> None:
-    gate = asyncio.Event()
-    entered = asyncio.Event()
+class HeldAuthorizer:
+    """An async ``authorize_subscribe`` that admits everybody, but only once released.
 
-    async def authorize(context: Any, share_data_id: str) -> bool:
-        entered.set()
-        await gate.wait()
+    Until :meth:`release`, a subscribe waits inside the hook, so what the
+    connection receives meanwhile has to queue behind it.
+    """
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()  # set once a call is waiting in the hook
+        self._released = asyncio.Event()
+
+    async def authorize(self, context: Any, share_data_id: str) -> bool:
+        self.entered.set()
+        await asyncio.wait_for(self._released.wait(), DEADLINE)
         return True
 
-    hub = make_hub(authorize_subscribe=authorize)
+    def release(self) -> None:
+        self._released.set()
+
+
+async def test_messages_of_one_connection_keep_arrival_order_behind_an_async_hook(make_hub: Callable[..., ServerHub]) -> None:
+    held = HeldAuthorizer()
+    hub = make_hub(authorize_subscribe=held.authorize)
     slow, other = Peer(hub), Peer(hub)
     slow.send(subscribe())
     slow.send({"type": "ping", "correlationId": "after-subscribe"})
     slow.send({"type": "unsubscribe", "shareDataId": "doc"})
     slow.send({"type": "ping", "correlationId": "after-unsubscribe"})
-    await asyncio.wait_for(entered.wait(), DEADLINE)
+    await asyncio.wait_for(held.entered.wait(), DEADLINE)
     # The other connection is not held up by the slow hook.
     other.send({"type": "ping", "correlationId": "other"})
     assert await other.next() == [{"v": 1, "type": "pong", "correlationId": "other"}]
     assert slow.rec.messages() == []
-    gate.set()
+    held.release()
     assert [(m["type"], m.get("correlationId")) for m in await slow.next(3)] == [
         ("state", None),
         ("pong", "after-subscribe"),
@@ -844,58 +841,41 @@ async def test_messages_of_one_connection_keep_arrival_order_behind_an_async_hoo
 
 
 async def test_invalid_message_behind_a_slow_hook_still_waits_its_turn(make_hub: Callable[..., ServerHub]) -> None:
-    gate = asyncio.Event()
-
-    async def authorize(context: Any, share_data_id: str) -> bool:
-        await gate.wait()
-        return True
-
-    hub = make_hub(authorize_subscribe=authorize)
-    peer = Peer(hub)
+    held = HeldAuthorizer()
+    peer = Peer(make_hub(authorize_subscribe=held.authorize))
     peer.send(subscribe())
     peer.send(b"garbage")
     for _ in range(10):
         await asyncio.sleep(0)
     assert peer.rec.log == []
-    gate.set()
+    held.release()
     assert await peer.closed() == (4004, b"invalid message")
     assert [m["type"] for m in peer.rec.messages()] == ["state", "error"]
 
 
 async def test_too_many_pending_messages_close_1008(make_hub: Callable[..., ServerHub]) -> None:
-    gate = asyncio.Event()
-
-    async def authorize(context: Any, share_data_id: str) -> bool:
-        await gate.wait()
-        return True
-
-    hub = make_hub(authorize_subscribe=authorize)
-    peer = Peer(hub)
+    held = HeldAuthorizer()
+    peer = Peer(make_hub(authorize_subscribe=held.authorize))
     peer.send(subscribe())
     for i in range(MAX_PENDING_MESSAGES + 1):
         peer.send({"type": "ping", "correlationId": f"p{i}"})
     code, _reason = await peer.closed()
     assert code == 1008
-    gate.set()
+    held.release()
     for _ in range(10):
         await asyncio.sleep(0)
     assert not any(m["type"] == "pong" for m in peer.rec.messages())
 
 
 async def test_an_idle_connection_holds_no_queue_before_or_after_a_busy_spell(make_hub: Callable[..., ServerHub]) -> None:
-    gate = asyncio.Event()
-
-    async def authorize(context: Any, share_data_id: str) -> bool:
-        await asyncio.wait_for(gate.wait(), DEADLINE)
-        return True
-
-    peer = Peer(make_hub(authorize_subscribe=authorize))
+    held = HeldAuthorizer()
+    peer = Peer(make_hub(authorize_subscribe=held.authorize))
     # Memory per idle connection: the message queue and timer list are made on demand.
     assert peer.conn._inbox is None and peer.conn._timers is None
     peer.send(subscribe())
     peer.send({"type": "ping", "correlationId": "behind-the-hook"})
     assert peer.conn._inbox is not None
-    gate.set()
+    held.release()
     assert [(m["type"], m.get("correlationId")) for m in await peer.next(2)] == [
         ("state", None),
         ("pong", "behind-the-hook"),
@@ -1006,7 +986,7 @@ async def test_overflow_drops_the_frame_closes_4001_and_spares_the_others(make_h
         await peer.next()
     slow.rec.hold = True  # from now on the slow peer reads nothing
     for _ in range(50):
-        await apply(manager, 1)
+        await apply_transactions(manager, 1)
         await fast.barrier()  # flushes every outbox
         if slow.rec.closes():
             break
@@ -1022,7 +1002,7 @@ async def test_overflow_drops_the_frame_closes_4001_and_spares_the_others(make_h
     assert hub.registry.subscribers("doc") == [fast.conn]
     assert slow.conn.id in hub.connections  # until the transport reports the disconnect
     # The others keep receiving, in order.
-    await apply(manager, 1)
+    await apply_transactions(manager, 1)
     await fast.barrier()
     assert [m["transactionId"] for m in fast.rec.messages()[1:] if m["type"] == "transaction"] == [
         str(i) for i in range(1, sent + 2)

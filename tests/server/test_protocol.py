@@ -31,16 +31,24 @@ from safe_fast import (
 )
 from server_helpers import (
     DEADLINE,
-    RawClient,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawClientFactory,
     ServerFactory,
     allow_everybody,
+    apply_transactions,
     barrier,
     client_frame,
     closed_with,
     connect,
     make_doc,
+    propose,
     recv_json,
     recv_raw,
+    subscribe,
     wait_until,
     wire,
 )
@@ -48,31 +56,9 @@ from server_helpers import (
 pytestmark = pytest.mark.timeout(30)
 
 
-def subscribe(share_data_id: str = "doc", **extra: Any) -> str:
-    return wire(type="subscribe", shareDataId=share_data_id, **extra)
-
-
-def propose(function_id: str = "inc", data: Any = None, correlation_id: str = "c-1", share_data_id: str = "doc") -> str:
-    return wire(
-        type="propose",
-        shareDataId=share_data_id,
-        functionId=function_id,
-        proposedData=data,
-        correlationId=correlation_id,
-    )
-
-
-async def apply(manager: ShareDataManager, count: int, function_id: str = "inc", share_data_id: str = "doc") -> None:
-    share_data = manager.get_share_data_by_id(share_data_id)
-    assert share_data is not None
-    function = next(f for f in share_data.functions if f.id == function_id)
-    for i in range(count):
-        await manager.apply_transaction(share_data_id, {"count": i + 1}, function)
-
-
-async def subscribed(ws: Any, share_data_id: str = "doc", **extra: Any) -> dict[str, Any]:
+async def subscribed(ws: Any, share_data_id: str = "doc") -> dict[str, Any]:
     """Subscribe and return the state frame."""
-    await ws.send(subscribe(share_data_id, **extra))
+    await ws.send(subscribe(share_data_id))
     state = await recv_json(ws)
     assert state["type"] == "state", state
     return state
@@ -291,14 +277,14 @@ async def test_unauthorized_subscribe_false_or_raising_keeps_the_connection(serv
         }
         # Still open and usable; the refused ids deliver nothing.
         await subscribed(ws)
-        await apply(manager, 1, share_data_id="secret")
-        await apply(manager, 1, share_data_id="doc")
+        await apply_transactions(manager, 1, share_data_id="secret")
+        await apply_transactions(manager, 1, share_data_id="doc")
         assert [(m["shareDataId"], m["transactionId"]) for m in await barrier(ws)] == [("doc", "1")]
 
 
 async def test_state_last_transaction_id_survives_replay_eviction(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory(replay_buffer_size=2)
-    await apply(manager, 5)
+    await apply_transactions(manager, 5)
     async with connect(server) as ws:
         state = await subscribed(ws)
         assert state["lastTransactionId"] == "5"
@@ -314,8 +300,8 @@ async def test_state_last_transaction_id_survives_replay_eviction(server_factory
 
 async def test_replay_strictly_after_cursor_marked_replayed_without_state(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory()
-    await apply(manager, 2)
-    await apply(manager, 1, "never")
+    await apply_transactions(manager, 2)
+    await apply_transactions(manager, 1, "never")
     async with connect(server) as ws:
         await ws.send(subscribe(since="1"))
         state = await recv_json(ws)
@@ -327,7 +313,7 @@ async def test_replay_strictly_after_cursor_marked_replayed_without_state(server
 
 async def test_empty_since_means_state_only(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory()
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     async with connect(server) as ws:
         await ws.send(subscribe(since=""))
         assert [m["type"] for m in await barrier(ws)] == ["state"]
@@ -336,7 +322,7 @@ async def test_empty_since_means_state_only(server_factory: ServerFactory, manag
 @pytest.mark.parametrize("since", ["01", "1.0", "4", "abc"])
 async def test_cursor_matches_as_exact_string(server_factory: ServerFactory, manager: ShareDataManager, since: str) -> None:
     server = await server_factory()
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     async with connect(server) as ws:
         await ws.send(subscribe(since=since))
         assert (await recv_json(ws))["type"] == "state"
@@ -362,7 +348,7 @@ async def test_cursor_with_empty_window_is_not_found(server_factory: ServerFacto
 
 async def test_newest_cursor_replays_nothing(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory()
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     async with connect(server) as ws:
         await ws.send(subscribe(since="3"))
         assert [m["type"] for m in await barrier(ws)] == ["state"]
@@ -375,8 +361,8 @@ async def test_live_transactions_accepted_and_rejected_exact_text(server_factory
     server = await server_factory()
     async with connect(server) as ws:
         await subscribed(ws)
-        await apply(manager, 1)
-        await apply(manager, 1, "never")
+        await apply_transactions(manager, 1)
+        await apply_transactions(manager, 1, "never")
         assert await recv_raw(ws) == (
             '{"v":1,"type":"transaction","shareDataId":"doc","transactionId":"1","accepted":true,"currentState":{"count":1}}'
         )
@@ -389,10 +375,10 @@ async def test_unsubscribe_stops_frames(server_factory: ServerFactory, manager: 
     server = await server_factory()
     async with connect(server) as ws:
         await subscribed(ws)
-        await apply(manager, 1)
+        await apply_transactions(manager, 1)
         await ws.send(wire(type="unsubscribe", shareDataId="doc"))
         assert [m["transactionId"] for m in await barrier(ws)] == ["1"]
-        await apply(manager, 3)
+        await apply_transactions(manager, 3)
         assert await barrier(ws) == []
         # Unsubscribing what is not subscribed is no error, and resubscribing works.
         await ws.send(wire(type="unsubscribe", shareDataId="ghost"))
@@ -415,7 +401,7 @@ async def test_lifecycle_removed_is_the_last_frame_and_forgets_the_window(server
     async with connect(server) as first, connect(server) as second:
         await subscribed(first)
         await subscribed(second)
-        await apply(manager, 3)
+        await apply_transactions(manager, 3)
         manager.remove_share_data_by_id("doc")
         removed = '{"v":1,"type":"lifecycle","shareDataId":"doc","event":"removed"}'
         for ws in (first, second):
@@ -423,7 +409,7 @@ async def test_lifecycle_removed_is_the_last_frame_and_forgets_the_window(server
         assert server.replay_store.entries_since("doc", "1") is None
         # A re-created id: the old subscribers hear nothing of it, its window starts empty.
         manager.add_share_data(make_doc())
-        await apply(manager, 1)
+        await apply_transactions(manager, 1)
         for ws in (first, second):
             assert await barrier(ws) == []
         await first.send(subscribe(since="2"))
@@ -458,15 +444,15 @@ async def test_optional_keys_are_omitted_never_null(server_factory: ServerFactor
     async with connect(server) as ws:
         await ws.send(subscribe())
         state = await recv_raw(ws)
-        await ws.send(propose("inc", 1, "ok"))
+        await ws.send(propose("inc", 1, correlation_id="ok"))
         live = await recv_raw(ws)
         accepted = await recv_raw(ws)
-        await ws.send(propose("missing", 1, "bad"))
+        await ws.send(propose("missing", 1, correlation_id="bad"))
         rejected = await recv_raw(ws)
         await ws.send(subscribe(since="0"))
         await recv_raw(ws)
         error = await recv_raw(ws)
-        await apply(manager, 1)
+        await apply_transactions(manager, 1)
         await recv_raw(ws)
         await ws.send(subscribe(since="1"))
         await recv_raw(ws)
@@ -500,7 +486,7 @@ async def test_state_beyond_orjson_reaches_subscribers(server_factory: ServerFac
         share_data = manager.get_share_data_by_id("doc")
         assert share_data is not None
         await manager.apply_transaction("doc", {"n": huge}, share_data.functions[0])
-        await apply(manager, 1)
+        await apply_transactions(manager, 1)
         for ws in (first, second):
             big = await recv_raw(ws)
             assert f'"currentState":{{"n":{huge}}}' in big
@@ -534,9 +520,9 @@ def rejection(correlation_id: str, error: str) -> str:
 async def test_propose_accepted_and_rejected(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory()
     async with connect(server) as ws:
-        await ws.send(propose("inc", {"count": 5}, "c-1"))
+        await ws.send(propose("inc", {"count": 5}, correlation_id="c-1"))
         assert await recv_raw(ws) == '{"v":1,"type":"proposal-result","correlationId":"c-1","accepted":true,"transactionId":"1"}'
-        await ws.send(propose("never", {"count": 6}, "c-2"))
+        await ws.send(propose("never", {"count": 6}, correlation_id="c-2"))
         assert await recv_raw(ws) == '{"v":1,"type":"proposal-result","correlationId":"c-2","accepted":false,"transactionId":"2"}'
     share_data = manager.get_share_data_by_id("doc")
     assert share_data is not None
@@ -601,7 +587,7 @@ async def test_propose_apply_transaction_raising(server_factory: ServerFactory, 
     manager.add_share_data(ShareData("strict", functions=[ShareFunction("check", rule)]))
     server = await server_factory()
     async with connect(server) as ws:
-        await ws.send(propose("check", 1, "t", share_data_id="strict"))
+        await ws.send(propose("check", 1, correlation_id="t", share_data_id="strict"))
         assert await recv_raw(ws) == rejection("t", "rule of function 'check' raised: ArithmeticError: cannot count that high")
         assert await barrier(ws) == []
     share_data = manager.get_share_data_by_id("strict")
@@ -612,7 +598,7 @@ async def test_proposer_subscribed_gets_the_broadcast_and_the_result(server_fact
     server = await server_factory()
     async with connect(server) as ws:
         await subscribed(ws)
-        await ws.send(propose("inc", {"count": 3}, "me"))
+        await ws.send(propose("inc", {"count": 3}, correlation_id="me"))
         frames = [await recv_json(ws) for _ in range(2)]
     assert sorted(f["type"] for f in frames) == ["proposal-result", "transaction"]
     transaction = next(f for f in frames if f["type"] == "transaction")
@@ -630,11 +616,11 @@ async def test_id_based_resolver(manager: ShareDataManager, server_factory: Serv
     assert resolve("nowhere", "write") is None
     server = await server_factory(resolve_function=resolve)
     async with connect(server) as ws:
-        await ws.send(propose("write", "hello", "w1", share_data_id="pad"))
+        await ws.send(propose("write", "hello", correlation_id="w1", share_data_id="pad"))
         assert (await recv_json(ws))["accepted"] is True
-        await ws.send(propose("write", 12, "w2", share_data_id="pad"))
+        await ws.send(propose("write", 12, correlation_id="w2", share_data_id="pad"))
         assert (await recv_json(ws))["accepted"] is False
-        await ws.send(propose("internal", "x", "w3", share_data_id="pad"))
+        await ws.send(propose("internal", "x", correlation_id="w3", share_data_id="pad"))
         assert await recv_raw(ws) == rejection("w3", "unknown functionId internal for shareDataId pad")
 
 
@@ -850,17 +836,16 @@ async def test_connection_opened_and_closed_events(server_factory: ServerFactory
     assert (closed[1].code, closed[1].context) == (4003, {"user": "eve"})
 
 
-async def test_close_frame_without_status_is_answered_1000_and_reported_1005(server_factory: ServerFactory) -> None:
+async def test_close_frame_without_status_is_answered_1000_and_reported_1005(
+    server_factory: ServerFactory, raw_clients: RawClientFactory
+) -> None:
     closed: list[Any] = []
     server = await server_factory()
     server.on("connection:closed", closed.append)
-    raw = await RawClient.open(server.port)
-    try:
-        raw.send(0x8)
-        assert await raw.close_frame() == (1000, b"")
-        await raw.eof()
-    finally:
-        raw.close()
+    raw = await raw_clients(server.port)
+    raw.send(OP_CLOSE)
+    assert await raw.close_frame() == (1000, b"")
+    await raw.eof()
     await until(lambda: closed, "connection:closed")
     assert (closed[0].code, closed[0].reason) == (1005, "")
 
@@ -876,78 +861,56 @@ async def test_close_without_reason_reports_an_empty_string(server_factory: Serv
     assert (closed[0].code, closed[0].reason) == (1000, "")
 
 
-async def test_broken_fragmentation_closes_1002(server_factory: ServerFactory) -> None:
-    server = await server_factory()
-    ping = wire(type="ping", correlationId="x").encode()
-    for frames in (
-        [(0x0, ping, True)],  # a continuation with nothing to continue
-        [(0x1, ping[:4], False), (0x1, ping[4:], True)],  # a new message inside a fragmented one
-    ):
-        raw = await RawClient.open(server.port)
-        try:
-            for opcode, payload, fin in frames:
-                raw.send(opcode, payload, fin=fin)
-            code, _reason = await raw.close_frame()
-            assert code == 1002
-        finally:
-            raw.close()
-
-
 @pytest.mark.parametrize("bit", [0x40, 0x20, 0x10])
-async def test_reserved_bits_close_1002(server_factory: ServerFactory, bit: int) -> None:
+async def test_reserved_bits_close_1002(server_factory: ServerFactory, raw_clients: RawClientFactory, bit: int) -> None:
     server = await server_factory()
-    raw = await RawClient.open(server.port)
-    try:
-        frame = bytearray(client_frame(0x1, wire(type="ping", correlationId="rsv").encode()))
-        frame[0] |= bit
-        raw.writer.write(bytes(frame))
-        assert await raw.close_frame() == (1002, b"reserved bits set")
-    finally:
-        raw.close()
+    raw = await raw_clients(server.port)
+    frame = bytearray(client_frame(OP_TEXT, wire(type="ping", correlationId="rsv").encode()))
+    frame[0] |= bit
+    raw.send_raw(bytes(frame))
+    assert await raw.close_frame() == (1002, b"reserved bits set")
 
 
-async def test_ping_between_fragments_is_answered_and_the_message_kept(server_factory: ServerFactory) -> None:
+async def test_ping_between_fragments_is_answered_and_the_message_kept(
+    server_factory: ServerFactory, raw_clients: RawClientFactory
+) -> None:
     server = await server_factory()
-    raw = await RawClient.open(server.port)
-    try:
-        ping = wire(type="ping", correlationId="split").encode()
-        raw.send(0x1, ping[:10], fin=False)
-        raw.send(0x9, b"hb")
-        raw.send(0x0, ping[10:])
-        assert await raw.recv() == (True, 0xA, b"hb")
-        fin, opcode, payload = await raw.recv()  # type: ignore[misc]
-        assert (fin, opcode, json.loads(payload)) == (True, 0x1, {"v": 1, "type": "pong", "correlationId": "split"})
-    finally:
-        raw.close()
+    raw = await raw_clients(server.port)
+    ping = wire(type="ping", correlationId="split").encode()
+    raw.send(OP_TEXT, ping[:10], fin=False)
+    raw.send(OP_PING, b"hb")
+    raw.send(OP_CONT, ping[10:])
+    assert await raw.recv() == (True, OP_PONG, b"hb")
+    fin, opcode, payload = await raw.recv()  # type: ignore[misc]
+    assert (fin, opcode, json.loads(payload)) == (True, OP_TEXT, {"v": 1, "type": "pong", "correlationId": "split"})
 
 
-async def test_heartbeat_keeps_answering_peers_and_drops_silent_ones(server_factory: ServerFactory) -> None:
+async def test_heartbeat_keeps_answering_peers_and_drops_silent_ones(
+    server_factory: ServerFactory, raw_clients: RawClientFactory
+) -> None:
     server = await server_factory(heartbeat_interval=0.2)
-    answering = await RawClient.open(server.port)
-    silent = await RawClient.open(server.port)
-    try:
-        for _ in range(3):
-            frame = await answering.recv()
-            assert frame is not None and frame[1] == 0x9
-            answering.send(0xA, frame[2])
-        frame = await silent.recv()
-        assert frame is not None and frame[1] == 0x9
-        # Not answered: the next beat drops the TCP connection, without a close handshake.
-        assert await silent.recv() is None
-        answering.send(0x1, wire(type="ping", correlationId="alive").encode())
-        for _ in range(10):
-            frame = await answering.recv()
-            assert frame is not None
-            if frame[1] == 0x9:
-                answering.send(0xA, frame[2])
-                continue
-            assert json.loads(frame[2]) == {"v": 1, "type": "pong", "correlationId": "alive"}
-            break
-        else:
-            raise AssertionError("no pong")
-    finally:
-        answering.close()
-        silent.close()
+    # Both answer pings by hand (or not at all), never on their own.
+    answering = await raw_clients(server.port, auto_pong=False)
+    silent = await raw_clients(server.port, auto_pong=False)
+    for _ in range(3):
+        frame = await answering.recv()
+        assert frame is not None and frame[1] == OP_PING
+        answering.send(OP_PONG, frame[2])
+    frame = await silent.recv()
+    assert frame is not None and frame[1] == OP_PING
+    # Not answered: the next beat drops the TCP connection, without a close handshake.
+    assert await silent.recv() is None
+    answering.send(OP_TEXT, wire(type="ping", correlationId="alive").encode())
+    for _ in range(10):
+        frame = await answering.recv()
+        assert frame is not None
+        if frame[1] == OP_PING:
+            answering.send(OP_PONG, frame[2])
+            continue
+        assert json.loads(frame[2]) == {"v": 1, "type": "pong", "correlationId": "alive"}
+        break
+    else:
+        raise AssertionError("no pong")
 
 
 # -- server lifecycle --------------------------------------------------------------------
@@ -965,7 +928,7 @@ async def test_close_sends_1001_to_every_client_and_is_idempotent(server_factory
     await asyncio.wait_for(server.close(), DEADLINE)
     assert server.connections == []
     # Detached from the manager (nothing recorded for replay) and no longer listening.
-    await apply(manager, 1)
+    await apply_transactions(manager, 1)
     assert server.replay_store.entries_since("doc", "1") is None
     with pytest.raises(OSError):
         async with connect(server):
@@ -1013,7 +976,7 @@ async def test_replay_buffer_size_and_custom_store(server_factory: ServerFactory
     store = InMemoryReplayStore(1)
     server = await server_factory(replay_store=store)
     assert server.replay_store is store
-    await apply(manager, 3)
+    await apply_transactions(manager, 3)
     assert [e.transaction_id for e in store.entries("doc")] == ["3"]
 
 

@@ -4,20 +4,18 @@ Slow consumers, missed heartbeats, peers that vanish mid-broadcast, garbage
 input and application state that cannot be encoded: in every case the
 server must keep serving everybody else, in order, and forget the dead.
 
-Self-contained: its own server fixture and a minimal hand-written WebSocket
-client (:class:`RawClient`), because the behaviours under test need a peer
-that does what a library client never does: stop reading, ignore pings,
-reset the TCP connection, send malformed frames.
+Its own server fixture (a fresh manager per test, no heartbeat unless asked
+for); the peers are mostly :class:`server_helpers.RawClient`, because the
+behaviours under test need a peer that does what a library client never
+does: stop reading, ignore pings, reset the TCP connection, send malformed
+frames.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import logging
-import os
 import random
 import re
 import socket
@@ -35,190 +33,23 @@ from safe_fast import (
     attach_realtime_server,
     create_id_based_function_resolver,
 )
-from server_helpers import client_frame, wait_until
+from server_helpers import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    RawClient,
+    RawClientFactory,
+    client_frame,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 DEADLINE = 10.0
-"""Upper bound for any single wait; reaching it fails the test, it never passes it."""
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_LOST = -1
-"""Opcode of the sentinel a RawClient queues when its TCP connection ends."""
-
-
-# -- a minimal WebSocket client ------------------------------------------------------------
-
-
-class RawClient(asyncio.Protocol):
-    """A hand-rolled WebSocket client: every frame it gets, nothing hidden.
-
-    Server frames land in ``frames`` as ``(opcode, payload)``; a ``(_LOST, b"")``
-    sentinel marks the end of the TCP connection. Pings are answered only when
-    ``auto_pong`` is true. ``pause_reading()`` turns it into a peer that never
-    reads again.
-    """
-
-    def __init__(self, auto_pong: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        self.auto_pong = auto_pong
-        self.transport: Optional[asyncio.Transport] = None
-        self.buffer = bytearray()
-        self.head: asyncio.Future[bytes] = loop.create_future()
-        self.lost: asyncio.Future[Optional[BaseException]] = loop.create_future()
-        self.frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
-        self.pings = 0
-        self.problems: list[str] = []
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.head.done():
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            self.head.set_result(bytes(self.buffer[:end]))
-            del self.buffer[: end + 4]
-        while (frame := self._next_frame()) is not None:
-            opcode, payload = frame
-            if opcode == OP_PING:
-                self.pings += 1
-                if self.auto_pong and not self.transport.is_closing():
-                    self.send(OP_PONG, payload)
-            self.frames.put_nowait(frame)
-
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if not self.head.done():
-            self.head.set_exception(ConnectionError("connection lost before the upgrade response"))
-        if not self.lost.done():
-            self.lost.set_result(exc)
-        self.frames.put_nowait((_LOST, b""))
-
-    def _next_frame(self) -> Optional[tuple[int, bytes]]:
-        b = self.buffer
-        if len(b) < 2:
-            return None
-        first, second = b[0], b[1]
-        if second & 0x80:
-            self.problems.append("server sent a masked frame")
-        if not first & 0x80:
-            self.problems.append("server sent a fragmented frame")
-        length, offset = second & 0x7F, 2
-        if length == 126:
-            if len(b) < 4:
-                return None
-            (length,) = struct.unpack("!H", b[2:4])
-            offset = 4
-        elif length == 127:
-            if len(b) < 10:
-                return None
-            (length,) = struct.unpack("!Q", b[2:10])
-            offset = 10
-        if len(b) < offset + length:
-            return None
-        payload = bytes(b[offset : offset + length])
-        del b[: offset + length]
-        return first & 0x0F, payload
-
-    # sending
-
-    def send(self, opcode: int, payload: bytes = b"", *, fin: bool = True) -> None:
-        self.transport.write(client_frame(opcode, payload, fin=fin))
-
-    def send_json(self, obj: Any) -> None:
-        self.send(OP_TEXT, json.dumps(obj).encode())
-
-    # receiving
-
-    async def recv(self, timeout: float = DEADLINE) -> tuple[int, bytes]:
-        return await asyncio.wait_for(self.frames.get(), timeout)
-
-    async def recv_message(self, *, skip_transactions: bool = True, timeout: float = DEADLINE) -> tuple[int, Any]:
-        """The next data message (decoded) or control frame that matters.
-
-        Skips pongs and (by default) live ``transaction`` broadcasts, which may
-        arrive between a request and its reply. Returns ``(opcode, value)``:
-        a decoded dict for data frames, ``(code, reason)`` for a close frame,
-        ``None`` for the lost-connection sentinel.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            opcode, payload = await self.recv(max(0.0, deadline - loop.time()))
-            if opcode in (OP_PONG, OP_PING):
-                continue
-            if opcode == _LOST:
-                return _LOST, None
-            if opcode == OP_CLOSE:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                return OP_CLOSE, (code, payload[2:].decode("utf-8", "replace"))
-            message = json.loads(payload)
-            if skip_transactions and message.get("type") == "transaction":
-                continue
-            return opcode, message
-
-    async def request(self, obj: Any, *, timeout: float = DEADLINE) -> Any:
-        self.send_json(obj)
-        opcode, message = await self.recv_message(timeout=timeout)
-        assert opcode in (OP_TEXT, OP_BINARY), (opcode, message)
-        return message
-
-    async def subscribe(self, share_data_id: str) -> dict[str, Any]:
-        state = await self.request({"v": 1, "type": "subscribe", "shareDataId": share_data_id})
-        assert state["type"] == "state" and state["shareDataId"] == share_data_id, state
-        return state
-
-    async def finish_close(self) -> None:
-        """Answer the server's close frame and wait for the TCP connection to end."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.send(OP_CLOSE, b"")
-            self.transport.close()
-        await asyncio.wait_for(asyncio.shield(self.lost), DEADLINE)
-
-    def reset(self) -> None:
-        """Vanish with a TCP RST (SO_LINGER 0), no close handshake."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()
-
-
-async def raw_connect(
-    port: int, *, path: str = "/realtime", auto_pong: bool = True, rcvbuf: Optional[int] = None
-) -> RawClient:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    if rcvbuf is not None:
-        # Before connect, so the advertised window is small from the start.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), DEADLINE)
-        _, client = await loop.create_connection(lambda: RawClient(auto_pong), sock=sock)
-    except BaseException:
-        sock.close()
-        raise
-    key = base64.b64encode(os.urandom(16))
-    client.transport.write(
-        b"GET " + path.encode() + b" HTTP/1.1\r\n"
-        b"Host: 127.0.0.1:" + str(port).encode() + b"\r\n"
-        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(client.head, DEADLINE)
-    status_line, *header_lines = head.split(b"\r\n")
-    assert status_line.startswith(b"HTTP/1.1 101"), head
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    assert headers.get(b"sec-websocket-accept") == base64.b64encode(hashlib.sha1(key + _GUID).digest()), head
-    return client
+"""Upper bound for each wait written here (a RawClient bounds its own by
+``server_helpers.DEADLINE``); reaching it fails the test, it never passes it."""
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -281,23 +112,6 @@ async def start_server() -> Any:
         await asyncio.wait_for(server.close(), 15)
 
 
-@pytest.fixture
-async def raw_clients() -> Any:
-    """``await raw_clients(port, **options)``; every client is aborted afterwards."""
-    made: list[RawClient] = []
-
-    async def make(port: int, **options: Any) -> RawClient:
-        client = await raw_connect(port, **options)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        if client.transport is not None and not client.transport.is_closing():
-            client.transport.abort()
-    await asyncio.sleep(0)
-
-
 async def connection_id_of(server: Any, connect: Callable[[], Awaitable[Any]]) -> tuple[Any, str]:
     """Run ``connect`` (which must end subscribed) and return (client, new server connection id)."""
     before = {c.id for c in server.connections}
@@ -311,7 +125,7 @@ async def connection_id_of(server: Any, connect: Callable[[], Awaitable[Any]]) -
 
 
 async def test_slow_consumer_is_cut_off_and_fast_subscribers_get_every_frame(
-    start_server: Any, raw_clients: Any
+    start_server: Any, raw_clients: RawClientFactory
 ) -> None:
     max_buffered = 64 * 1024
     fast_count = 50
@@ -418,11 +232,9 @@ async def test_slow_consumer_is_cut_off_and_fast_subscribers_get_every_frame(
         # On the slow side: a gap-free prefix of the feed, then the end of TCP.
         slow.transport.resume_reading()
         await asyncio.wait_for(asyncio.shield(slow.lost), DEADLINE)
-        prefix = []
-        while not slow.frames.empty():
-            opcode, payload = slow.frames.get_nowait()
-            if opcode == OP_TEXT:
-                prefix.append(json.loads(payload))
+        prefix = [
+            json.loads(frame[2]) for frame in slow.take_received() if frame is not None and frame[1] == OP_TEXT
+        ]
         assert transaction_ids(prefix) == consecutive(1, len(prefix))
         assert len(prefix) < sent
         assert slow.problems == []
@@ -437,7 +249,7 @@ async def test_slow_consumer_is_cut_off_and_fast_subscribers_get_every_frame(
 # -- 2. heartbeats -------------------------------------------------------------------------------
 
 
-async def test_heartbeat_terminates_a_silent_peer_and_keeps_live_ones(start_server: Any, raw_clients: Any) -> None:
+async def test_heartbeat_terminates_a_silent_peer_and_keeps_live_ones(start_server: Any, raw_clients: RawClientFactory) -> None:
     manager = ShareDataManager()
     manager.add_share_data(ShareData("doc", current_state=1))
     server = await start_server(manager, heartbeat_interval=0.2)
@@ -488,7 +300,7 @@ async def test_heartbeat_terminates_a_silent_peer_and_keeps_live_ones(start_serv
 
 
 async def test_peers_reset_mid_broadcast_do_not_disturb_the_rest(
-    start_server: Any, raw_clients: Any, caplog: pytest.LogCaptureFixture
+    start_server: Any, raw_clients: RawClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     total, victims_count, rounds = 20, 10, 40
@@ -523,9 +335,9 @@ async def test_peers_reset_mid_broadcast_do_not_disturb_the_rest(
     got: dict[int, list[dict[str, Any]]] = {i: [] for i in survivors}
 
     def drain(index: int) -> None:
-        queue = clients[index].frames
-        while not queue.empty():
-            opcode, payload = queue.get_nowait()
+        for frame in clients[index].take_received():
+            assert frame is not None, f"survivor {index} lost its connection"
+            _fin, opcode, payload = frame
             assert opcode == OP_TEXT, (opcode, payload[:100])
             got[index].append(json.loads(payload))
 
@@ -866,7 +678,7 @@ async def check_answer(client: RawClient, case: Case) -> bool:
 
 
 async def test_garbage_input_gets_protocol_answers_and_the_server_stays_up(
-    start_server: Any, raw_clients: Any, caplog: pytest.LogCaptureFixture
+    start_server: Any, raw_clients: RawClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     workers, per_worker = 4, 260  # 1,040 inputs in all
@@ -941,8 +753,9 @@ async def test_garbage_input_gets_protocol_answers_and_the_server_stays_up(
     # The observer saw every broadcast, in order, undisturbed.
     news_frames: list[dict[str, Any]] = []
     await wait_until(lambda: observer.frames.qsize() >= news_sent, "the observer to receive every news frame")
-    while not observer.frames.empty():
-        opcode, payload = observer.frames.get_nowait()
+    for frame in observer.take_received():
+        assert frame is not None, "the observer lost its connection"
+        _fin, opcode, payload = frame
         assert opcode == OP_TEXT, (opcode, payload)
         news_frames.append(json.loads(payload))
     assert news_sent > 0
@@ -961,6 +774,7 @@ async def test_garbage_input_gets_protocol_answers_and_the_server_stays_up(
     assert safe_fast_errors(caplog) == []
 
 
+# RFC 6455 framing violations; reserved bits (with the close reason) are in test_protocol.py.
 @pytest.mark.parametrize(
     "name, raw, code",
     [
@@ -975,7 +789,7 @@ async def test_garbage_input_gets_protocol_answers_and_the_server_stays_up(
     ],
 )
 async def test_websocket_protocol_violations_close_the_offender_only(
-    start_server: Any, raw_clients: Any, name: str, raw: bytes, code: int
+    start_server: Any, raw_clients: RawClientFactory, name: str, raw: bytes, code: int
 ) -> None:
     manager = ShareDataManager()
     manager.add_share_data(ShareData("doc", current_state=0))
@@ -983,7 +797,7 @@ async def test_websocket_protocol_violations_close_the_offender_only(
     bystander = await raw_clients(server.port)
     await bystander.subscribe("doc")
     offender = await raw_clients(server.port)
-    offender.transport.write(raw)
+    offender.send_raw(raw)
     opcode, close = await offender.recv_message()
     assert (opcode, close[0]) == (OP_CLOSE, code), (name, close)
     await offender.finish_close()
@@ -993,24 +807,11 @@ async def test_websocket_protocol_violations_close_the_offender_only(
     assert frame["type"] == "transaction" and frame["transactionId"] == "1"
 
 
-async def test_reserved_bits_fail_the_connection(start_server: Any, raw_clients: Any) -> None:
-    manager = ShareDataManager()
-    manager.add_share_data(ShareData("doc", current_state=0))
-    server = await start_server(manager)
-    client = await raw_clients(server.port)
-    ping = json.dumps({"v": 1, "type": "ping", "correlationId": "rsv"}).encode()
-    frame = bytearray(client_frame(OP_TEXT, ping))
-    frame[0] |= 0x40  # RSV1: meaningless without a negotiated extension
-    client.transport.write(bytes(frame))
-    opcode, answer = await client.recv_message()
-    assert (opcode, answer[0] if opcode == OP_CLOSE else answer) == (OP_CLOSE, 1002)
-
-
 # -- 5. state that JSON cannot express ---------------------------------------------------------
 
 
 async def test_unencodable_state_never_breaks_the_broadcast_path(
-    start_server: Any, raw_clients: Any
+    start_server: Any, raw_clients: RawClientFactory
 ) -> None:
     manager = ShareDataManager()
     manager.add_share_data(ShareData("weird", current_state=0))
@@ -1109,7 +910,9 @@ async def transactions_before_pong(client: RawClient, correlation_id: str) -> li
     client.send_json({"v": 1, "type": "ping", "correlationId": correlation_id})
     ids: list[str] = []
     for _ in range(10_000):
-        opcode, payload = await client.recv()
+        frame = await client.recv()
+        assert frame is not None, f"connection lost before the pong for {correlation_id}"
+        _fin, opcode, payload = frame
         assert opcode == OP_TEXT, (opcode, payload[:200])
         kind = _TYPE_RE.match(payload)
         assert kind is not None, payload[:200]
@@ -1132,7 +935,7 @@ def nested_list(depth: int) -> list[Any]:
 
 @pytest.mark.parametrize("bad", [{1, 2}, object()], ids=["set", "object"])
 async def test_unencodable_transaction_leaves_no_gap_for_its_subscribers(
-    start_server: Any, raw_clients: Any, bad: Any
+    start_server: Any, raw_clients: RawClientFactory, bad: Any
 ) -> None:
     manager = ShareDataManager()
     manager.add_share_data(ShareData("doc", current_state=0))
@@ -1153,7 +956,7 @@ async def test_unencodable_transaction_leaves_no_gap_for_its_subscribers(
 
 
 async def test_deeply_nested_transaction_leaves_no_gap_for_its_subscribers(
-    start_server: Any, raw_clients: Any
+    start_server: Any, raw_clients: RawClientFactory
 ) -> None:
     manager = ShareDataManager()
     manager.add_share_data(ShareData("doc", current_state=0))
