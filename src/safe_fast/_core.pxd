@@ -18,12 +18,14 @@ cdef class Outbox:
     cdef readonly object transport
     cdef readonly Flusher flusher
     cdef public Py_ssize_t max_buffered_bytes
+    cdef bytes _head
     cdef list _frames
     cdef Py_ssize_t _queued
     cdef Py_ssize_t _transport_bytes
     cdef bint _open
     cdef object _write
     cdef object _get_write_buffer_size
+    cdef object _is_closing
     cdef int _fd
     cdef bint _send(self, bytes frame) except -1
     cdef int _flush(self) except -1

@@ -135,11 +135,13 @@ cdef class Outbox:
         self.transport = transport
         self.flusher = flusher
         self.max_buffered_bytes = max_buffered_bytes
-        self._frames = []
+        self._head = None
+        self._frames = None
         self._queued = 0
         self._transport_bytes = 0
         self._open = True
         self._write = transport.write
+        self._is_closing = transport.is_closing
         self._get_write_buffer_size = transport.get_write_buffer_size
         self._fd = _plain_socket_fd(transport)
 
@@ -181,27 +183,31 @@ cdef class Outbox:
                 self._open = False
                 self.on_overflow(total - size)
                 return False
-        if PyList_GET_SIZE(self._frames) == 0:
+        if self._frames is not None:
+            self._frames.append(frame)
+        elif self._head is None:
+            self._head = frame
             self.flusher.mark(self)
-        self._frames.append(frame)
+        else:
+            self._frames = [self._head, frame]
+            self._head = None
         self._queued += size
         return True
 
     cdef int _flush(self) except -1:
-        cdef list frames = self._frames
-        cdef Py_ssize_t n = PyList_GET_SIZE(frames)
         cdef bytes data
         cdef Py_ssize_t sent
-        if n == 0:
-            return 0
-        self._frames = []
-        self._queued = 0
-        if self.transport.is_closing():
-            return 0
-        if n == 1:
-            data = <object>PyList_GET_ITEM(frames, 0)
+        if self._head is not None:
+            data = self._head
+            self._head = None
+        elif self._frames is not None:
+            data = self.flusher.join(self._frames)
+            self._frames = None
         else:
-            data = self.flusher.join(frames)
+            return 0
+        self._queued = 0
+        if self._is_closing():
+            return 0
         if self._fd >= 0 and self._get_write_buffer_size() == 0:
             # Nothing waits in the transport, so sending straight to the socket
             # keeps the byte order, and costs one send(2) instead of the
@@ -221,7 +227,8 @@ cdef class Outbox:
         if flush:
             self._flush()
         else:
-            self._frames = []
+            self._head = None
+            self._frames = None
             self._queued = 0
         self._open = False
 

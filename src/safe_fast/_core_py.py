@@ -25,7 +25,7 @@ What lives here, and why it is the hot path:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 __all__ = ["encode_frame", "Flusher", "Outbox", "fanout", "ReplayRing", "OPCODE_TEXT", "OPCODE_BINARY"]
 
@@ -105,13 +105,27 @@ class Outbox:
     (any asyncio transport). Subclasses override :meth:`on_overflow`.
     """
 
-    __slots__ = ("transport", "flusher", "max_buffered_bytes", "_frames", "_queued", "_transport_bytes", "_open", "__weakref__")
+    __slots__ = (
+        "transport",
+        "flusher",
+        "max_buffered_bytes",
+        "_head",
+        "_frames",
+        "_queued",
+        "_transport_bytes",
+        "_open",
+        "__weakref__",
+    )
 
     def __init__(self, transport: Any, flusher: Flusher, max_buffered_bytes: int) -> None:
         self.transport = transport
         self.flusher = flusher
         self.max_buffered_bytes = max_buffered_bytes
-        self._frames: list[bytes] = []
+        # What is queued: nothing (both None), one frame in ``_head`` (the
+        # common case of a quiet connection, which then costs no list), or
+        # two or more in ``_frames``.
+        self._head: Optional[bytes] = None
+        self._frames: Optional[list[bytes]] = None
         self._queued = 0
         # An upper bound of what the transport holds: everything written since
         # it was last measured (it only drains meanwhile). Measured again only
@@ -155,22 +169,28 @@ class Outbox:
                 self._open = False
                 self.on_overflow(total - size)
                 return False
-        if not self._frames:
+        if self._frames is not None:
+            self._frames.append(frame)
+        elif self._head is None:
+            self._head = frame
             self.flusher.mark(self)
-        self._frames.append(frame)
+        else:
+            self._frames = [self._head, frame]
+            self._head = None
         self._queued += size
         return True
 
     def flush(self) -> None:
         """Hand everything queued to the transport in one write."""
-        frames = self._frames
-        if not frames:
+        if self._head is not None:
+            data, self._head = self._head, None
+        elif self._frames is not None:
+            data, self._frames = self.flusher.join(self._frames), None
+        else:
             return
-        self._frames = []
         self._queued = 0
         if self.transport.is_closing():
             return
-        data = frames[0] if len(frames) == 1 else self.flusher.join(frames)
         self.transport.write(data)
         self._transport_bytes += len(data)
 
@@ -179,7 +199,7 @@ class Outbox:
         if flush:
             self.flush()
         else:
-            self._frames = []
+            self._head = self._frames = None
             self._queued = 0
         self._open = False
 
