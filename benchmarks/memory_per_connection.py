@@ -65,7 +65,7 @@ async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]
             await asyncio.sleep(0.05)
         if left:
             # A baseline taken with warm-up connections still held would hide their cost.
-            raise h.ChildError(f"{left} warm-up connections still open after 10 s")
+            raise h.ChildError(f"{left} warm-up subscribers still counted after 10 s")
         await asyncio.sleep(0.2)
         before = [int(x) for x in await server.ask("rss", "RSS")]
 

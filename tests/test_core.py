@@ -242,6 +242,46 @@ def test_close_outbox_flushes_or_discards(core: Any) -> None:
 
 
 @pytest.mark.parametrize("core", CORES)
+def test_a_failing_write_does_not_strand_the_other_outboxes(core: Any) -> None:
+    loop = ManualLoop()
+    flusher = core.Flusher(loop)
+
+    class BrokenTransport(RecordingTransport):
+        def write(self, data: bytes) -> None:
+            raise OSError("broken transport")
+
+    broken = core.Outbox(BrokenTransport(), flusher, 1 << 20)
+    healthy_transport = RecordingTransport()
+    healthy = core.Outbox(healthy_transport, flusher, 1 << 20)
+    assert core.fanout(b"one", [broken, healthy]) == 2
+    with pytest.raises(OSError, match="broken transport"):
+        loop.run_once()
+    # The round went on past the failure, and both outboxes are empty, so the
+    # next frame schedules a new round (an outbox left holding frames would
+    # never be marked dirty again).
+    assert healthy_transport.writes == [b"one"]
+    assert broken.queued_bytes == 0 and healthy.queued_bytes == 0
+    assert core.fanout(b"two", [healthy]) == 1
+    loop.run_once()
+    assert healthy_transport.writes == [b"one", b"two"]
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_frame_refused_by_a_failing_schedule_is_not_queued(core: Any) -> None:
+    class ClosedLoop(ManualLoop):
+        def call_soon(self, callback: Callable[[], Any]) -> None:
+            raise RuntimeError("Event loop is closed")
+
+    transport = RecordingTransport()
+    box = core.Outbox(transport, core.Flusher(ClosedLoop()), 1 << 20)
+    with pytest.raises(RuntimeError, match="closed"):
+        box.send_frame(b"abc")
+    assert box.queued_bytes == 0
+    box.flush()
+    assert transport.writes == []
+
+
+@pytest.mark.parametrize("core", CORES)
 def test_fanout_survives_collection_changes_during_overflow(core: Any) -> None:
     loop = ManualLoop()
     flusher = core.Flusher(loop)
@@ -460,6 +500,74 @@ def test_outbox_parity(cap: int, ops: list[tuple[str, Any, Any]]) -> None:
         assert written == b"".join(accepted_frames)
     else:
         assert b"".join(accepted_frames).startswith(written)
+
+
+shared_flusher_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.sampled_from([0, 125, 126, 65536])),
+        st.tuples(st.just("fanout"), st.sampled_from([0, 125, 126, 65536])),
+        st.tuples(st.just("iterate"), st.just(0)),
+        st.tuples(st.just("stall"), st.booleans()),
+        st.tuples(st.just("drain"), st.integers(0, 200_000)),
+        st.tuples(st.just("closing"), st.booleans()),
+        st.tuples(st.just("close"), st.booleans()),
+    ),
+    max_size=40,
+)
+
+
+def run_shared_flusher_script(core: Any, cap: int, ops: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Outbox ``a`` takes direct replies, fan-outs, stalls, a closing transport
+    and ``close_outbox``; ``b`` shares its flusher and takes only the fan-outs,
+    so every round with both dirty goes through the join memo."""
+    loop = ManualLoop()
+    flusher = core.Flusher(loop)
+    overflows: list[int] = []
+
+    class Box(core.Outbox):
+        def on_overflow(self, buffered_amount: int) -> None:
+            overflows.append(buffered_amount)
+
+    a_transport, b_transport = RecordingTransport(), RecordingTransport()
+    a, b = Box(a_transport, flusher, cap), Box(b_transport, flusher, 1 << 30)
+    results = []
+    for step, (op, arg) in enumerate(ops):
+        if op == "send":
+            results.append(a.send_frame(core.encode_frame(b"d" * arg, core.OPCODE_BINARY)))
+        elif op == "fanout":
+            # A fresh frame object per fan-out, as the registry makes one per broadcast.
+            results.append(core.fanout(core.encode_frame(b"f%d" % step + b"p" * arg), [a, b]))
+        elif op == "iterate":
+            loop.run_once()
+        elif op == "stall":
+            a_transport.stalled = arg
+        elif op == "drain":
+            a_transport.held = max(0, a_transport.held - arg)
+        elif op == "closing":
+            a_transport.closing = arg
+        else:
+            a.close_outbox(flush=arg)
+        results.append((a.queued_bytes, b.queued_bytes, a.is_open))
+    loop.run_once()
+    return {
+        "results": results,
+        "a_writes": a_transport.writes,
+        "b_writes": b_transport.writes,
+        "overflows": overflows,
+        "held": a_transport.held,
+    }
+
+
+@needs_both
+@given(st.integers(min_value=1, max_value=300_000), shared_flusher_ops)
+@settings(max_examples=120, deadline=None)
+def test_outbox_parity_with_a_shared_flusher(cap: int, ops: list[tuple[str, Any]]) -> None:
+    compiled = run_shared_flusher_script(_core_c, cap, ops)
+    pure = run_shared_flusher_script(_core_py, cap, ops)
+    assert compiled == pure
+    # b is never refused, stalled or closed: it got every fan-out, in order.
+    fanned_out = [_core_py.encode_frame(b"f%d" % step + b"p" * arg) for step, (op, arg) in enumerate(ops) if op == "fanout"]
+    assert b"".join(pure["b_writes"]) == b"".join(fanned_out)
 
 
 def test_both_cores_export_the_same_names() -> None:

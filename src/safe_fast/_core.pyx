@@ -97,17 +97,24 @@ cdef class Flusher:
     cpdef flush_all(self):
         cdef list dirty = self._dirty
         cdef Py_ssize_t i, n
+        cdef object error = None
         self._dirty = []
         self._scheduled = False
         n = PyList_GET_SIZE(dirty)
         self._in_round = True
         try:
             for i in range(n):
-                (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
+                try:
+                    (<Outbox>PyList_GET_ITEM(dirty, i))._flush()
+                except Exception as exc:
+                    if error is None:
+                        error = exc
         finally:
             self._in_round = False
             self._joined_frames = []
             self._joined = b""
+        if error is not None:
+            raise error
 
     cpdef bytes join(self, list frames):
         """``b"".join(frames)``, reusing this round's previous result for the same frames."""
@@ -186,8 +193,8 @@ cdef class Outbox:
         if self._frames is not None:
             self._frames.append(frame)
         elif self._head is None:
-            self._head = frame
             self.flusher.mark(self)
+            self._head = frame
         else:
             self._frames = [self._head, frame]
             self._head = None
@@ -195,19 +202,18 @@ cdef class Outbox:
         return True
 
     cdef int _flush(self) except -1:
-        cdef bytes data
+        cdef bytes data = self._head
+        cdef list frames = self._frames
         cdef Py_ssize_t sent
-        if self._head is not None:
-            data = self._head
-            self._head = None
-        elif self._frames is not None:
-            data = self.flusher.join(self._frames)
-            self._frames = None
-        else:
+        if data is None and frames is None:
             return 0
+        self._head = None
+        self._frames = None
         self._queued = 0
         if self._is_closing():
             return 0
+        if frames is not None:
+            data = self.flusher.join(frames)
         if self._fd >= 0 and self._get_write_buffer_size() == 0:
             # Nothing waits in the transport, so sending straight to the socket
             # keeps the byte order, and costs one send(2) instead of the

@@ -80,12 +80,21 @@ class Flusher:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         self._in_round = True
+        error: Optional[Exception] = None
         try:
             for outbox in dirty:
-                outbox.flush()
+                # One failing transport must not strand the others: an outbox
+                # left holding frames is never marked dirty again.
+                try:
+                    outbox.flush()
+                except Exception as exc:
+                    if error is None:
+                        error = exc
         finally:
             self._in_round = False
             self._joined_frames, self._joined = [], b""
+        if error is not None:
+            raise error
 
     def join(self, frames: list[bytes]) -> bytes:
         """``b"".join(frames)``, reusing this round's previous result for the same frames."""
@@ -102,7 +111,9 @@ class Outbox:
     """The write side of one connection, with coalescing and accounting.
 
     ``transport`` needs ``write``, ``get_write_buffer_size`` and ``is_closing``
-    (any asyncio transport). Subclasses override :meth:`on_overflow`.
+    (any asyncio transport). The compiled core looks these methods up once,
+    when the outbox is made, so replacing them on the transport afterwards is
+    not supported. Subclasses override :meth:`on_overflow`.
     """
 
     __slots__ = (
@@ -172,8 +183,8 @@ class Outbox:
         if self._frames is not None:
             self._frames.append(frame)
         elif self._head is None:
-            self._head = frame
             self.flusher.mark(self)
+            self._head = frame
         else:
             self._frames = [self._head, frame]
             self._head = None
@@ -182,15 +193,14 @@ class Outbox:
 
     def flush(self) -> None:
         """Hand everything queued to the transport in one write."""
-        if self._head is not None:
-            data, self._head = self._head, None
-        elif self._frames is not None:
-            data, self._frames = self.flusher.join(self._frames), None
-        else:
+        head, frames = self._head, self._frames
+        if head is None and frames is None:
             return
+        self._head = self._frames = None
         self._queued = 0
         if self.transport.is_closing():
             return
+        data = head if frames is None else self.flusher.join(frames)
         self.transport.write(data)
         self._transport_bytes += len(data)
 

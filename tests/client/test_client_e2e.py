@@ -310,17 +310,14 @@ async def test_a_queued_request_sent_on_reconnect_keeps_the_timer_armed_at_the_c
         assert before_call + timeout <= call_timer.when() <= after_call + timeout
 
         await asyncio.sleep(outage)
-        server_back_at = loop.time()  # nothing can be sent before this
         server = await start_server(manager, port=port)
         try:
             await eventually(lambda: rule_started.is_set() or proposal.done(), what="the proposal to reach the server")
             assert rule_started.is_set(), "premise: the reconnect must come before the timeout"
             assert request.status == "sent" and not proposal.done()
-            # Still the timer from the call, not replaced at the send: its
-            # deadline is at least `outage` earlier than send time + timeout.
+            # Still the timer from the call, not replaced at the send.
             assert [handle for handle, _ in spy.armed] == [call_timer]
             assert not call_timer.cancelled()
-            assert call_timer.when() < server_back_at + timeout
 
             await eventually(lambda: bool(spy.fired), what="the call's timer to fire")
             assert spy.fired == [(request, True)]  # and its firing settled the request

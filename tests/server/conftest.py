@@ -9,8 +9,9 @@
   id-based resolver on that manager; keyword arguments override any of them.
   Every server it started is closed at teardown.
 * ``raw_clients``: ``await raw_clients(port, **options)`` opens a
-  :class:`RawClient` (options as :meth:`RawClient.open`); every one still
-  open is aborted at teardown.
+  :class:`RawClient` (options as :meth:`RawClient.open`; its waits are bound
+  by the test module's ``DEADLINE`` if it has one); every one still open is
+  aborted at teardown.
 """
 
 from __future__ import annotations
@@ -55,10 +56,13 @@ async def server_factory(manager: ShareDataManager) -> AsyncIterator[ServerFacto
 
 
 @pytest.fixture
-async def raw_clients() -> AsyncIterator[RawClientFactory]:
+async def raw_clients(request: pytest.FixtureRequest) -> AsyncIterator[RawClientFactory]:
     made: list[RawClient] = []
+    # A module with heavier tests sets its own, longer DEADLINE; its clients wait that long.
+    deadline = getattr(request.module, "DEADLINE", DEADLINE)
 
     async def open_client(port: int, **options: Any) -> RawClient:
+        options.setdefault("deadline", deadline)
         client = await RawClient.open(port, **options)
         made.append(client)
         return client

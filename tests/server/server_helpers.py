@@ -314,9 +314,11 @@ class RawClient(asyncio.Protocol):
     never does) is noted in ``problems`` and fails the next :meth:`recv`.
     """
 
-    def __init__(self, auto_pong: bool = True) -> None:
+    def __init__(self, auto_pong: bool = True, deadline: float = DEADLINE) -> None:
         loop = asyncio.get_running_loop()
         self.auto_pong = auto_pong
+        self.deadline = deadline
+        """Bound of every wait of this client unless a call gives its own."""
         self.transport: Optional[asyncio.Transport] = None
         self.buffer = bytearray()
         self.head: asyncio.Future[bytes] = loop.create_future()
@@ -327,7 +329,13 @@ class RawClient(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, port: int, *, path: str = "/realtime", auto_pong: bool = True, rcvbuf: Optional[int] = None
+        cls,
+        port: int,
+        *,
+        path: str = "/realtime",
+        auto_pong: bool = True,
+        rcvbuf: Optional[int] = None,
+        deadline: float = DEADLINE,
     ) -> "RawClient":
         """Connect to 127.0.0.1:``port`` and complete the upgrade (101 and a correct accept key)."""
         loop = asyncio.get_running_loop()
@@ -337,8 +345,8 @@ class RawClient(asyncio.Protocol):
             # Before connect, so the advertised window is small from the start.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), DEADLINE)
-            _, client = await loop.create_connection(lambda: cls(auto_pong), sock=sock)
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), deadline)
+            _, client = await loop.create_connection(lambda: cls(auto_pong, deadline), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -349,15 +357,19 @@ class RawClient(asyncio.Protocol):
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        head = await asyncio.wait_for(client.head, DEADLINE)
-        status_line, *header_lines = head.split(b"\r\n")
-        assert status_line.startswith(b"HTTP/1.1 101"), head
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        expected_accept = base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
-        assert headers.get(b"sec-websocket-accept") == expected_accept, head
+        try:
+            head = await asyncio.wait_for(client.head, deadline)
+            status_line, *header_lines = head.split(b"\r\n")
+            assert status_line.startswith(b"HTTP/1.1 101"), head
+            headers = {}
+            for line in header_lines:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            expected_accept = base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+            assert headers.get(b"sec-websocket-accept") == expected_accept, head
+        except BaseException:
+            client.transport.abort()  # no fixture knows of it yet
+            raise
         return client
 
     # asyncio.Protocol
@@ -410,11 +422,11 @@ class RawClient(asyncio.Protocol):
 
     # receiving
 
-    async def recv(self, timeout: float = DEADLINE) -> Optional[Frame]:
+    async def recv(self, timeout: Optional[float] = None) -> Optional[Frame]:
         """The next server frame; None once the TCP connection has ended."""
         if self.frames.empty() and self.lost.done():
             return None  # the end-of-connection marker was already taken
-        frame = await asyncio.wait_for(self.frames.get(), timeout)
+        frame = await asyncio.wait_for(self.frames.get(), self.deadline if timeout is None else timeout)
         assert self.problems == [], self.problems
         return frame
 
@@ -422,7 +434,9 @@ class RawClient(asyncio.Protocol):
         """Every frame already queued, without waiting (None: the connection ended there)."""
         return [self.frames.get_nowait() for _ in range(self.frames.qsize())]
 
-    async def recv_message(self, *, skip_transactions: bool = True, timeout: float = DEADLINE) -> tuple[Optional[int], Any]:
+    async def recv_message(
+        self, *, skip_transactions: bool = True, timeout: Optional[float] = None
+    ) -> tuple[Optional[int], Any]:
         """The next data message (decoded) or close frame.
 
         Skips pings, pongs and (by default) live ``transaction`` broadcasts,
@@ -432,7 +446,7 @@ class RawClient(asyncio.Protocol):
         once the TCP connection has ended.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + (self.deadline if timeout is None else timeout)
         for _ in range(10_000):
             frame = await self.recv(max(0.0, deadline - loop.time()))
             if frame is None:
@@ -449,7 +463,7 @@ class RawClient(asyncio.Protocol):
             return opcode, message
         raise AssertionError("10,000 frames skipped and still no message")
 
-    async def request(self, obj: Any, *, timeout: float = DEADLINE) -> Any:
+    async def request(self, obj: Any, *, timeout: Optional[float] = None) -> Any:
         """Send ``obj`` as JSON and return the next data message (see :meth:`recv_message`)."""
         self.send_json(obj)
         opcode, message = await self.recv_message(timeout=timeout)
@@ -486,7 +500,7 @@ class RawClient(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.send(OP_CLOSE, b"")
             self.transport.close()
-        await asyncio.wait_for(asyncio.shield(self.lost), DEADLINE)
+        await asyncio.wait_for(asyncio.shield(self.lost), self.deadline)
 
     def reset(self) -> None:
         """Vanish with a TCP RST (SO_LINGER 0), no close handshake."""

@@ -48,8 +48,8 @@ from server_helpers import (
 pytestmark = pytest.mark.timeout(60)
 
 DEADLINE = 10.0
-"""Upper bound for each wait written here (a RawClient bounds its own by
-``server_helpers.DEADLINE``); reaching it fails the test, it never passes it."""
+"""Upper bound for each wait in this module, the ``raw_clients``' included
+(heavier tests than elsewhere); reaching it fails the test, it never passes it."""
 
 
 # -- helpers --------------------------------------------------------------------------------
