@@ -464,15 +464,19 @@ class RawClient(asyncio.Protocol):
         raise AssertionError("10,000 frames skipped and still no message")
 
     async def request(self, obj: Any, *, timeout: Optional[float] = None) -> Any:
-        """Send ``obj`` as JSON and return the next data message (see :meth:`recv_message`)."""
-        self.send_json(obj)
+        """Send ``obj`` (JSON text as is, anything else encoded) and return the
+        next data message (see :meth:`recv_message`)."""
+        if isinstance(obj, str):
+            self.send(OP_TEXT, obj.encode())
+        else:
+            self.send_json(obj)
         opcode, message = await self.recv_message(timeout=timeout)
         assert opcode in (OP_TEXT, OP_BINARY), (opcode, message)
         return message
 
     async def subscribe(self, share_data_id: str) -> dict[str, Any]:
         """Subscribe and return the state frame."""
-        state = await self.request({"v": 1, "type": "subscribe", "shareDataId": share_data_id})
+        state = await self.request(subscribe(share_data_id))
         assert state["type"] == "state" and state["shareDataId"] == share_data_id, state
         return state
 
