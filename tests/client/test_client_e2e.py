@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from typing import Any
 
@@ -13,6 +14,7 @@ from safe_fast.client import (
     ClientClosed,
     ConnectionFailed,
     ProposalResult,
+    ProtocolError,
     QueueFull,
     RealtimeClient,
     RequestTimeout,
@@ -511,3 +513,132 @@ async def test_connect_refused_raises_and_does_not_retry(clients: Any) -> None:
     # Not sticky: connect() may be tried again (and fails again here).
     with pytest.raises(ConnectionFailed):
         await client.connect()
+
+
+# -- regressions: what a listener or a quick unsubscribe does on the wire ------------------------
+
+
+async def test_an_open_listener_that_subscribes_loses_nothing_queued(clients: Any) -> None:
+    manager = make_manager("doc", "doc2")
+    server = await start_server(manager)
+    client = RealtimeClient(server.url)
+    clients(client)
+    client.on("open", lambda: client.subscribe("doc2"))  # "subscribe once connected"
+    doc = client.subscribe("doc")  # made before connect: sent at the open
+    doc_frames = channel_recorder(doc)
+    proposal = asyncio.ensure_future(client.propose("doc", "set", {"n": 1}, timeout=DEADLINE))
+    await asyncio.sleep(0)  # queued while not connected
+    try:
+        await client.connect()
+        # The resubscribe, the queued proposal and the listener's subscribe
+        # all reach the server (the listener ran before the connection was
+        # current, and its flush used to take everything and drop it).
+        assert await asyncio.wait_for(proposal, DEADLINE) == ProposalResult(True, "1", None)
+        doc2_frames = channel_recorder(client.subscriptions["doc2"])
+        await apply(manager, "doc2", {"n": 7})
+        await eventually(lambda: any(f.type == "transaction" for f in doc2_frames), what="doc2's transaction")
+        assert [f.type for f in doc_frames][:1] == ["state"]
+    finally:
+        await server.close()
+
+
+async def test_a_refused_subscribe_already_unsubscribed_is_not_blamed_on_the_next(clients: Any) -> None:
+    manager = make_manager("good", "secret")
+    server = await start_server(manager, authorize_subscribe=lambda context, share_data_id: share_data_id != "secret")
+    client = RealtimeClient(server.url)
+    clients(client)
+    recorder = Recorder(client, ("error",))
+    try:
+        await client.connect()
+        secret = client.subscribe("secret")
+        secret.unsubscribe()  # before the server's refusal arrives
+        good = client.subscribe("good")
+        good_frames = channel_recorder(good)
+        await eventually(lambda: bool(good_frames), what="good's state")
+        await apply(manager, "good", {"n": 1})
+        await eventually(lambda: len(good_frames) == 2, what="good's transaction")
+        assert not good.is_detached and list(client.subscriptions) == ["good"]
+        assert [f.type for f in good_frames] == ["state", "transaction"]
+        assert recorder.errors() == []  # the refusal of an unsubscribed id is expected: no error
+    finally:
+        await server.close()
+
+
+async def test_an_unknown_id_already_unsubscribed_does_not_drop_the_next_on_4003(clients: Any) -> None:
+    manager = make_manager("good")
+    server = await start_server(manager)
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    recorder = Recorder(client, ("open", "close", "error"))
+    try:
+        await client.connect()
+        missing = client.subscribe("missing")
+        missing.unsubscribe()
+        good = client.subscribe("good")
+        await eventually(lambda: len(recorder.of("open")) == 2, what="the reconnect after 4003")
+        assert recorder.of("close") == [(4003, "unknown shareDataId")]
+        assert not good.is_detached and list(client.subscriptions) == ["good"]
+        good_frames = channel_recorder(good)
+        await apply(manager, "good", {"n": 1})
+        await eventually(lambda: any(f.type == "transaction" for f in good_frames), what="good's transaction")
+        assert not any(isinstance(e, SubscriptionRejected) for e in recorder.errors())
+    finally:
+        await server.close()
+
+
+async def test_connect_again_after_a_stop_is_not_failed_by_the_old_run(scripted_server: Any, clients: Any) -> None:
+    server = await scripted_server()
+    client = RealtimeClient(server.url, backoff=Backoff(disabled=True))
+    clients(client)
+    await client.connect()
+    sub = client.subscribe("doc")
+    first = await server.next_connection()
+    outcome: dict[str, str] = {}
+
+    async def consume_then_reconnect() -> None:
+        try:
+            async for _ in sub:
+                pass
+        except Exception as exc:
+            outcome["iteration"] = type(exc).__name__
+        # The old run has decided to stop but has not woken up yet.
+        await client.connect()
+        outcome["connect"] = client.state
+
+    consumer = asyncio.ensure_future(consume_then_reconnect())
+    await asyncio.sleep(0)
+    first.close(1001, "going away")
+    await asyncio.wait_for(consumer, DEADLINE)
+    assert outcome == {"iteration": "ConnectionClosed", "connect": "open"}
+    await server.next_connection()
+    await asyncio.sleep(0)  # the old run's last step
+    assert client.state == "open"
+
+
+async def test_a_frame_over_max_message_size_is_reported_not_logged_by_asyncio(clients: Any) -> None:
+    loop = asyncio.get_running_loop()
+    unhandled: list[Any] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda loop, context: unhandled.append(context))
+    manager = make_manager("big")
+    manager.get_share_data_by_id("big").current_state = "x" * 200_000
+    server = await start_server(manager)
+    client = RealtimeClient(server.url, max_message_size=64 * 1024, backoff=Backoff(disabled=True))
+    clients(client)
+    recorder = Recorder(client, ("close", "error"))
+    try:
+        await client.connect()
+        client.subscribe("big")
+        await eventually(lambda: client.state == "closed", what="the 1009 teardown")
+        await eventually(lambda: any(isinstance(e, ProtocolError) for e in recorder.errors()), what="the report")
+        (report,) = [e for e in recorder.errors() if isinstance(e, ProtocolError)]
+        assert "MESSAGE_TOO_BIG" in str(report)
+        assert recorder.of("close")[0][0] == 1009
+        for _ in range(3):  # let any unread future be collected and reported
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(previous)
+        await server.close()

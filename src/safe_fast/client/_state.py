@@ -354,7 +354,11 @@ class ClientProtocol:
         self._in_flight: dict[str, PendingRequest] = {}
         self._subscriptions: dict[str, Subscription] = {}
         # Per connection:
-        self._awaiting_state: dict[str, None] = {}  # ordered: send order
+        # Subscribes sent and not answered yet (a state frame or a refusal),
+        # in send order, the server's answer order: True while still wanted,
+        # False once unsubscribed, so its late answer is matched, not blamed
+        # on the next one.
+        self._awaiting_state: dict[str, bool] = {}
         self._unsubscribed: set[str] = set()
         self._abandoned: dict[str, None] = {}
         self._culprit_dropped = False
@@ -458,10 +462,12 @@ class ClientProtocol:
         immediate = policy.immediate
         if policy.drop_subscription:
             if not culprit_dropped:
-                culprit = next((i for i in awaiting if i in self._subscriptions), None)
+                # The oldest unanswered subscribe; if it was unsubscribed
+                # meanwhile, there is nothing left to drop.
+                culprit = next(iter(awaiting), None)
                 if culprit is None:
                     immediate = False
-                else:
+                elif culprit in self._subscriptions:
                     self._reject(culprit, "unknown-share-data", f"shareDataId {culprit} not found")
         if policy.report:
             self._emit("error", ConnectionClosed(code, reason))
@@ -561,7 +567,7 @@ class ClientProtocol:
         share_data_id = subscription.share_data_id
         self._outbox.append(encode_message(Subscribe(share_data_id, subscription.last_transaction_id or None)))
         self._awaiting_state.pop(share_data_id, None)
-        self._awaiting_state[share_data_id] = None
+        self._awaiting_state[share_data_id] = True
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         """Called by :meth:`Subscription.unsubscribe` (which then detaches it)."""
@@ -569,7 +575,8 @@ class ClientProtocol:
         if self._subscriptions.get(share_data_id) is not subscription:
             return
         del self._subscriptions[share_data_id]
-        self._awaiting_state.pop(share_data_id, None)
+        if share_data_id in self._awaiting_state:
+            self._awaiting_state[share_data_id] = False
         if self.state == OPEN:
             self._outbox.append(encode_message(Unsubscribe(share_data_id)))
             # Frames already on their way are expected: drop them quietly.
@@ -716,6 +723,8 @@ class ClientProtocol:
     def _on_channel_frame(self, frame: Union[StateFrame, TransactionFrame, LifecycleFrame]) -> None:
         share_data_id = frame.share_data_id
         subscription = self._subscriptions.get(share_data_id)
+        if frame.type == "state":
+            self._awaiting_state.pop(share_data_id, None)
         if share_data_id in self._unsubscribed:
             # Unsubscribed on this connection: what the server sent before it
             # processed our unsubscribe is expected. A new subscription to the
@@ -732,8 +741,6 @@ class ClientProtocol:
                 ),
             )
             return
-        if frame.type == "state":
-            self._awaiting_state.pop(share_data_id, None)
         overflow = subscription._dispatch(frame)
         if overflow is not None:
             self._emit("error", overflow)

@@ -91,6 +91,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         self.transport = transport
+        # picows keeps why it dropped the connection (e.g. a frame over
+        # max_message_size) for wait_disconnected(); unread, asyncio would log it.
+        asyncio.ensure_future(transport.wait_disconnected()).add_done_callback(self._dropped_by_picows)
         if self.abandoned:
             transport.disconnect(False)
             return
@@ -99,6 +102,11 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             self.client._connection_opened(self)
         except Exception:  # pragma: no cover - defensive: picows would disconnect
             logger.exception("client failed to handle the open connection")
+
+    def _dropped_by_picows(self, future: "asyncio.Future[Any]") -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None and self.opened:
+            self.client._report(ProtocolError(f"connection failed by the WebSocket layer: {error!r}"))
 
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         if not self.opened or self.lost:
@@ -218,7 +226,10 @@ class RealtimeClient:
         How long ``close()`` waits for the server to answer the close
         handshake before dropping the connection.
     ``max_message_size``
-        Largest server message accepted; larger ones are reported and skipped.
+        Largest server message accepted. A message fragmented into frames
+        that together pass it is reported (``error``) and skipped; a single
+        frame that passes it closes the connection with 1009, reported the
+        same way, and the client reconnects as after any other close.
     ``extra_headers``
         HTTP headers for the upgrade request (e.g. ``Authorization``).
     ``ssl_context``
@@ -473,7 +484,8 @@ class RealtimeClient:
             while True:
                 decision = await self._attempt()
                 if isinstance(decision, Stop):
-                    self._fail_waiters(_raiser(decision.error))
+                    if self._run_task is asyncio.current_task():  # not superseded by a new connect()
+                        self._fail_waiters(_raiser(decision.error))
                     return
                 assert isinstance(decision, Reconnect)
                 if decision.delay > 0:
@@ -572,13 +584,16 @@ class RealtimeClient:
     # -- callbacks from the listener -----------------------------------------------------------
 
     def _connection_opened(self, listener: _Listener) -> None:
+        # Current before the core opens: its "open" listeners may subscribe or
+        # propose, and what they queue must find this connection.
+        self._current = listener
         if not self._core.connection_opened(self._now()):
+            self._current = None
             assert listener.transport is not None
             listener.transport.send_close(picows.WSCloseCode.OK, b"client closed")
             listener.transport.disconnect()
             return
         listener.accepted = True
-        self._current = listener
         self._flush()
         waiters, self._open_waiters = self._open_waiters, []
         for waiter in waiters:
@@ -588,7 +603,12 @@ class RealtimeClient:
     def _connection_lost(self, listener: _Listener, code: int, reason: str) -> Decision:
         if self._current is listener:
             self._current = None
-        return self._core.connection_lost(code, reason, self._now())
+        decision = self._core.connection_lost(code, reason, self._now())
+        if isinstance(decision, Stop):
+            # Now, not when the run wakes up: a connect() made in between
+            # starts a new run, and its waiter must not get this stop.
+            self._fail_waiters(_raiser(decision.error))
+        return decision
 
     def _message(self, payload: bytes, binary: bool) -> None:
         self._core.receive(payload, self._now(), binary=binary)
@@ -598,12 +618,13 @@ class RealtimeClient:
         self._emit("error", error)
 
     def _flush(self) -> None:
-        data = self._core.data_to_send()
-        if not data:
-            return
         listener = self._current
         transport = listener.transport if listener is not None else None
-        if transport is None:  # pragma: no cover - the core only writes while open
+        if transport is None:
+            # Not connected: what the core holds stays there until it is.
+            return
+        data = self._core.data_to_send()
+        if not data:
             return
         for frame in data:
             transport.send(_TEXT, frame)
