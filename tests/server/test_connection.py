@@ -481,6 +481,79 @@ async def test_async_replay_store_is_awaited(make_hub: Callable[..., ServerHub],
     ]
 
 
+class GatedStore:
+    """An asynchronous replay store whose reads and writes wait for the test."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryReplayStore(100)
+        self.reads_open = asyncio.Event()
+        self.writes_open = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.reads_open.set()
+        self.writes_open.set()
+
+    async def record(self, share_data_id: str, entry: ReplayEntry) -> None:
+        await asyncio.wait_for(self.writes_open.wait(), DEADLINE)
+        self.inner.record(share_data_id, entry)
+
+    async def entries_since(self, share_data_id: str, since: str) -> Any:
+        self.reading.set()
+        await asyncio.wait_for(self.reads_open.wait(), DEADLINE)
+        return self.inner.entries_since(share_data_id, since)
+
+    async def forget(self, share_data_id: str) -> None:
+        self.inner.forget(share_data_id)
+
+
+async def test_a_transaction_during_a_slow_replay_read_comes_once_after_the_state(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager
+) -> None:
+    store = GatedStore()
+    hub = make_hub(replay_store=store)
+    await apply_transactions(manager, 3)
+    await hub.writes_landed("doc")
+    store.reads_open.clear()
+    peer = Peer(hub)
+    peer.send(subscribe(since="1"))
+    await asyncio.wait_for(store.reading.wait(), DEADLINE)
+    await apply_transactions(manager, 1)  # transaction 4, while the window is being read
+    store.reads_open.set()
+    # State, then the replay through the snapshot (4 included, from the
+    # ShareData's history), and no live 4 before it or after it.
+    messages = await peer.barrier()
+    assert [(m["type"], m.get("transactionId"), m.get("replayed")) for m in messages] == [
+        ("state", None, None),
+        ("transaction", "2", True),
+        ("transaction", "3", True),
+        ("transaction", "4", True),
+    ]
+    assert messages[0]["lastTransactionId"] == "4"
+    await apply_transactions(manager, 1)
+    assert [(m["type"], m.get("transactionId"), m.get("replayed")) for m in await peer.barrier()] == [
+        ("transaction", "5", None),
+    ]
+
+
+async def test_a_replay_waits_for_the_store_writes_under_way(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager
+) -> None:
+    store = GatedStore()
+    hub = make_hub(replay_store=store)
+    store.writes_open.clear()
+    await apply_transactions(manager, 3)  # three record() calls, all held
+    peer = Peer(hub)
+    peer.send(subscribe(since="1"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not store.reading.is_set()  # the window is not read while writes are pending
+    store.writes_open.set()
+    assert [(m["type"], m.get("transactionId")) for m in await peer.barrier()] == [
+        ("state", None),
+        ("transaction", "2"),
+        ("transaction", "3"),
+    ]
+
+
 # -- live frames --------------------------------------------------------------------------
 
 

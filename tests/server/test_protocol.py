@@ -729,6 +729,23 @@ async def test_wrong_path_is_404(server_factory: ServerFactory, path: str) -> No
     assert info.value.response.status_code == 404
 
 
+async def test_an_unparsable_target_is_404_and_the_server_goes_on(server_factory: ServerFactory) -> None:
+    server = await server_factory()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), DEADLINE)
+    try:
+        writer.write(
+            b"GET //[x/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 404 "), head
+    async with connect(server.url) as ws:
+        await ws.send(wire(type="ping", correlationId="after"))
+        assert await recv_json(ws) == {"v": 1, "type": "pong", "correlationId": "after"}
+
+
 async def test_custom_path_and_query_string(server_factory: ServerFactory) -> None:
     requests: list[Any] = []
 

@@ -188,6 +188,9 @@ class ServerHub:
         self.connections: dict[str, ServerConnection] = {}
         self._attached = False
         self._remove_channel = getattr(registry, "remove_channel", None)
+        # Asynchronous replay-store writes still under way, per ShareData id:
+        # a replay reads the window only once they have landed.
+        self._pending_writes: dict[str, set[asyncio.Future[Any]]] = {}
 
     # manager wiring
 
@@ -259,11 +262,25 @@ class ServerHub:
             return
         if result is not None and inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
-            task.add_done_callback(
-                lambda t: None
-                if t.cancelled() or t.exception() is None
-                else self._replay_failed(share_data_id, operation, t.exception())
-            )
+            pending = self._pending_writes.setdefault(share_data_id, set())
+            pending.add(task)
+
+            def done(t: asyncio.Future[Any]) -> None:
+                pending.discard(t)
+                if not pending and self._pending_writes.get(share_data_id) is pending:
+                    del self._pending_writes[share_data_id]
+                if not t.cancelled() and t.exception() is not None:
+                    self._replay_failed(share_data_id, operation, t.exception())
+
+            task.add_done_callback(done)
+
+    async def writes_landed(self, share_data_id: str) -> None:
+        """Return once every replay-store write issued so far for ``share_data_id`` has finished."""
+        pending = self._pending_writes.get(share_data_id)
+        if pending:
+            # Failures are reported by the writes themselves (replay:write-failed);
+            # a write that hangs delays the replay by at most this bound.
+            await asyncio.wait(list(pending), timeout=_PENDING_WRITES_WAIT)
 
     def _replay_failed(self, share_data_id: str, operation: str, error: BaseException) -> None:
         logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
@@ -279,6 +296,29 @@ class ServerHub:
                 if t.cancelled() or t.exception() is None
                 else logger.error("%s failed", what, exc_info=t.exception())
             )
+
+
+_PENDING_WRITES_WAIT = 5.0
+"""Seconds a replay waits for the replay-store writes under way for its id."""
+
+
+def _through_snapshot(entries: list[ReplayEntry], since: str, share_data: Any) -> list[ReplayEntry]:
+    """The replay window read before the snapshot, completed up to it.
+
+    Transactions recorded on this node after the window was read are in the
+    snapshot and were never sent live to this connection; they come from the
+    ShareData's own history (ids are positions in it). A window ahead of that
+    history (another node's, or a replaced ShareData) is left as it is.
+    """
+    last = entries[-1].transaction_id if entries else since
+    history = share_data.transaction_history
+    try:
+        start = int(last)
+    except ValueError:
+        return entries
+    if not 0 < start <= len(history) or history[start - 1].transaction_id != last:
+        return entries
+    return entries + [ReplayEntry(record.transaction_id, record.accepted) for record in history[start:]]
 
 
 # -- one connection --------------------------------------------------------------------
@@ -514,15 +554,29 @@ class ServerConnection(core.Outbox):
                 return
         if self._state != _OPEN:
             return
-        # Read the ShareData again: the authorizer may have awaited while it changed.
+        since = message.since  # "" means no cursor
+        entries: Optional[list[ReplayEntry]] = None
+        if since:
+            # The window is read before registering: once registered, live
+            # frames flow, and they must come after the replay, never before
+            # it or twice.
+            await hub.writes_landed(share_data_id)
+            try:
+                found = await _resolve(hub.replay_store.entries_since(share_data_id, since))
+                entries = None if found is None else list(found)
+            except Exception as exc:
+                logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            if self._state != _OPEN:
+                return
+        # Read the ShareData again: the awaits above may have let it change.
         share_data = hub.manager.get_share_data_by_id(share_data_id)
         if share_data is None:
             self.send_message(ErrorFrame("unknown-share-data", f"shareDataId {share_data_id} not found"))
             self.close(CLOSE_UNKNOWN_SHARE_DATA, CLOSE_REASONS[CLOSE_UNKNOWN_SHARE_DATA])
             return
-        # Register and snapshot with no await in between: every later
+        # Register, snapshot and replay with no await in between: every later
         # transaction reaches this connection live, every earlier one is in
-        # the snapshot.
+        # the snapshot (and, after the cursor, in the replay).
         if share_data_id not in self.subscriptions:
             self.subscriptions.add(share_data_id)
             registered = hub.registry.subscribe(share_data_id, self)
@@ -533,26 +587,21 @@ class ServerConnection(core.Outbox):
             sent = self.send_message(snapshot)
         except EncodeError as exc:
             sent = self.send_message(_with_rendered_state(snapshot, share_data_id, exc))
+        if sent and since:
+            if entries is None:
+                self.send_message(
+                    ErrorFrame(
+                        "replay-cursor-not-found",
+                        f"since={since} not present in retained replay window; skipping replay",
+                    )
+                )
+            else:
+                for entry in _through_snapshot(entries, since, share_data):
+                    self.send_message(
+                        TransactionFrame(share_data_id, entry.transaction_id, entry.accepted, replayed=True)
+                    )
         if inspect.isawaitable(registered):
             await registered
-        if not sent or not message.since:
-            return  # since "" means no cursor
-        since = message.since
-        try:
-            entries = await _resolve(hub.replay_store.entries_since(share_data_id, since))
-        except Exception as exc:
-            logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
-            entries = None
-        if entries is None:
-            self.send_message(
-                ErrorFrame(
-                    "replay-cursor-not-found",
-                    f"since={since} not present in retained replay window; skipping replay",
-                )
-            )
-            return
-        for entry in entries:
-            self.send_message(TransactionFrame(share_data_id, entry.transaction_id, entry.accepted, replayed=True))
 
     async def _propose(self, message: Propose) -> None:
         hub = self.hub

@@ -322,11 +322,15 @@ class RealtimeServer:
                 picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
             )
         target = request.path.decode("latin-1")
-        if urlsplit(target).path != self.path:
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # e.g. "//[x/realtime": not a path of ours either
+            return None  # 404
+        if parts.path != self.path:
             return None  # 404
         upgrade = UpgradeRequest(
             path=target,
-            query=dict(parse_qsl(urlsplit(target).query, keep_blank_values=True)),
+            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
             headers=CIMultiDictProxy(request.headers),
             remote_address=None,
         )
