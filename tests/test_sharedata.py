@@ -814,3 +814,29 @@ def test_public_names() -> None:
         "TransactionRecord",
     }
     assert issubclass(RuleError, Exception)
+
+
+async def test_a_change_made_by_a_listener_reaches_every_listener_after_the_one_it_reacts_to() -> None:
+    manager, _ = make_manager()
+    seen: list[tuple[str, str]] = []
+
+    def remove_on_transaction(event: ShareDataEvent) -> None:
+        seen.append(("first", event.type))
+        if event.type == "share-data:transaction":
+            manager.remove_share_data_by_id("doc")
+            # Delivered after this event has reached every listener, not inside this call.
+            assert seen == [("first", "share-data:transaction")]
+
+    def record(event: ShareDataEvent) -> None:
+        seen.append(("second", event.type))
+
+    for listener in (remove_on_transaction, record):
+        manager.on("share-data:transaction", listener)
+        manager.on("share-data:removed", listener)
+    await manager.apply_transaction("doc", {"count": 1}, INCREMENT)
+    assert seen == [
+        ("first", "share-data:transaction"),
+        ("second", "share-data:transaction"),
+        ("first", "share-data:removed"),
+        ("second", "share-data:removed"),
+    ]

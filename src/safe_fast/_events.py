@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Optional
 
 __all__ = ["EventEmitter", "Listener"]
 
@@ -25,12 +26,24 @@ def _log_task_failure(task: asyncio.Task[Any]) -> None:
 
 
 class EventEmitter:
-    """``on`` / ``off`` / ``emit`` with isolated, possibly async, listeners."""
+    """``on`` / ``off`` / ``emit`` with isolated, possibly async, listeners.
 
-    __slots__ = ("_listeners",)
+    With ``in_order=True``, an event emitted by a listener while another
+    event is being delivered waits until that delivery has reached every
+    listener: all listeners then see events in the order they happened.
+    (Without it, a listener that, say, removes a ShareData in reaction to a
+    transaction would make the listeners after it see the removal before
+    the transaction.)
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_listeners", "_backlog", "_delivering")
+
+    def __init__(self, *, in_order: bool = False) -> None:
         self._listeners: dict[str, list[Listener]] = {}
+        # None: deliver nested events at once; else the events waiting for
+        # the delivery under way (empty when none is).
+        self._backlog: Optional[deque[tuple[str, tuple[Any, ...]]]] = deque() if in_order else None
+        self._delivering = False
 
     def on(self, event: str, listener: Listener) -> Listener:
         """Register *listener* for *event*; returns it, so it can decorate."""
@@ -47,6 +60,22 @@ class EventEmitter:
         return bool(self._listeners.get(event))
 
     def emit(self, event: str, *args: Any) -> None:
+        backlog = self._backlog
+        if backlog is None:
+            self._deliver(event, args)
+            return
+        backlog.append((event, args))
+        if self._delivering:
+            return  # the delivery under way takes it next
+        self._delivering = True
+        try:
+            while backlog:
+                self._deliver(*backlog.popleft())
+        finally:
+            self._delivering = False
+            backlog.clear()  # empty unless something escaped the listeners' isolation
+
+    def _deliver(self, event: str, args: tuple[Any, ...]) -> None:
         listeners = self._listeners.get(event)
         if not listeners:
             return

@@ -270,6 +270,10 @@ class ShareDataManager:
     ``share-data:added``, ``share-data:updated``, ``share-data:removed`` and
     ``share-data:transaction``. Listeners may be coroutine functions; one that
     raises is logged and disturbs neither the manager nor other listeners.
+    Every listener sees the events in the order the changes happened: a
+    change a listener makes (say, removing a ShareData once a transaction
+    finishes it) is announced once the current event has reached every
+    listener, still before the call that caused it returns.
     """
 
     __slots__ = ("_share_data", "_locks", "_emitter")
@@ -277,7 +281,10 @@ class ShareDataManager:
     def __init__(self) -> None:
         self._share_data: dict[str, ShareData] = {}
         self._locks: dict[str, _LockEntry] = {}
-        self._emitter = EventEmitter()
+        # In order: a listener reacting to one change with another (e.g.
+        # removing a finished ShareData) must not let the listeners after it
+        # see the second change first.
+        self._emitter = EventEmitter(in_order=True)
 
     def on(self, event: str, listener: Listener) -> Listener:
         """Register *listener* for *event*; returns it, so it can decorate."""

@@ -622,6 +622,27 @@ async def test_lifecycle_removed_is_terminal(hub: ServerHub, manager: ShareDataM
     assert hub.replay_store.entries_since("doc", "1") == []
 
 
+async def test_a_removal_made_by_an_earlier_transaction_listener_comes_after_the_transaction(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager
+) -> None:
+    def archive_when_done(event: Any) -> None:
+        if event.current_state == {"count": 1}:
+            manager.remove_share_data_by_id("doc")
+
+    manager.on("share-data:transaction", archive_when_done)  # before the server's listener
+    hub = make_hub()
+    peer = Peer(hub)
+    peer.send(subscribe())
+    await peer.next()
+    await apply_transactions(manager, 1)
+    assert await peer.barrier() == [
+        {"v": 1, "type": "transaction", "shareDataId": "doc", "transactionId": "1", "accepted": True, "currentState": {"count": 1}},
+        {"v": 1, "type": "lifecycle", "shareDataId": "doc", "event": "removed"},
+    ]
+    # The window was forgotten after the transaction was recorded, not before.
+    assert hub.replay_store.entries_since("doc", "1") is None
+
+
 class MinimalRegistry:
     """A ChannelRegistry with only the four protocol methods (no ``remove_channel``)."""
 
