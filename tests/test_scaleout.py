@@ -603,6 +603,30 @@ async def test_local_delivery_is_one_path_exactly_once_in_order(
     assert errors == []
 
 
+async def test_a_subscriber_gets_nothing_this_node_published_before_it_subscribed(
+    registries: RegistryFactory, redis_client: Any, prefix: str
+) -> None:
+    errors = Errors()
+    registry = registries(on_error=errors)
+    a = Sink()
+    registry.subscribe("doc", a)
+    await registry.flush()  # subscribed at Redis: every later PUBLISH echoes back
+    early = [tx("doc", str(i), i) for i in (1, 2, 3)]
+    for frame in early:
+        registry.broadcast("doc", frame)
+    b = Sink()
+    registry.subscribe("doc", b)  # its state frame would already hold 1-3
+    late = tx("doc", "4", 4)
+    registry.broadcast("doc", late)
+    await registry.flush()
+    # Another node's message (or one this node cannot match) reaches everybody.
+    marker = encode_message(tx("doc", "marker", 0))
+    await redis_client.publish(f"{prefix}doc", marker)
+    assert await a.wait_for_count(5) == [encode_message(f) for f in early + [late]] + [marker]
+    assert await b.wait_for_count(2) == [encode_message(late), marker]
+    assert errors == []
+
+
 async def test_two_registries_deliver_across_nodes(
     registries: RegistryFactory, redis_server: RedisProcess
 ) -> None:

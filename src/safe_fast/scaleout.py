@@ -272,6 +272,7 @@ class RedisReplayStore:
 
 _PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE, _BARRIER = range(4)
 _POLL_SECONDS = 1.0
+_ECHO_LOOKAHEAD = 8  # own PUBLISHes an echo may overtake (ones lost in a failure not seen)
 """Longest a pub/sub read waits before the reader looks at its state again."""
 
 
@@ -328,12 +329,19 @@ class RedisChannelRegistry:
         self.reconnect_max_delay = reconnect_max_delay
         self.confirm_timeout = confirm_timeout
 
-        # Local subscribers, as in InMemoryChannelRegistry.
-        self._local: dict[str, dict[Any, None]] = {}
+        # Local subscribers, as in InMemoryChannelRegistry; each maps to the
+        # count of this node's PUBLISHes when it subscribed.
+        self._local: dict[str, dict[Any, int]] = {}
         # Subscribers of a removed channel, kept until Redis confirms its
         # UNSUBSCRIBE so that the frames published before it (the
         # `lifecycle removed` one) still reach them.
-        self._draining: dict[str, dict[Any, None]] = {}
+        self._draining: dict[str, dict[Any, int]] = {}
+        # This node's PUBLISHes so far, and those of channels with local
+        # subscribers whose echo from Redis has not come back yet, as
+        # (number, payload). A subscriber's snapshot already holds what this
+        # node published before it subscribed: those echoes skip it.
+        self._published = 0
+        self._echoes: dict[str, deque[tuple[int, bytes]]] = {}
 
         self._ops: deque[tuple[Any, ...]] = deque()
         self._pending_publishes = 0
@@ -357,8 +365,11 @@ class RedisChannelRegistry:
         subscribers = self._local.get(share_data_id)
         if subscribers is None:
             subscribers = self._local[share_data_id] = {}
+            # Nothing published before this SUBSCRIBE comes back to us.
+            self._echoes.pop(share_data_id, None)
             self._enqueue((_SUBSCRIBE, self._channel(share_data_id)))
-        subscribers[connection] = None
+        if connection not in subscribers:
+            subscribers[connection] = self._published
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._local.get(share_data_id)
@@ -387,6 +398,14 @@ class RedisChannelRegistry:
             return
         self._enqueue((_PUBLISH, self._channel(share_data_id), payload))
         self._pending_publishes += 1
+        self._published += 1
+        if share_data_id in self._local:
+            echoes = self._echoes.get(share_data_id)
+            if echoes is None:
+                echoes = self._echoes[share_data_id] = deque()
+            elif len(echoes) >= self.max_pending_publishes:
+                echoes.popleft()  # never came back; stop waiting for it
+            echoes.append((self._published, payload))
 
     def remove_connection(self, connection: Any) -> None:
         for share_data_id in [i for i, subs in self._local.items() if connection in subs]:
@@ -516,9 +535,9 @@ class RedisChannelRegistry:
                 continue
             op = ops.popleft()
             kind = op[0]
+            batch = [op]
             try:
                 if kind == _PUBLISH:
-                    batch = [op]
                     while ops and ops[0][0] == _PUBLISH and len(batch) < _MAX_PIPELINE:
                         batch.append(ops.popleft())
                     self._pending_publishes -= len(batch)
@@ -535,7 +554,19 @@ class RedisChannelRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if kind == _PUBLISH:
+                    self._no_echo(batch)
                 self._report(exc)
+
+    def _no_echo(self, batch: list[tuple[Any, ...]]) -> None:
+        """These PUBLISHes failed: no echo of theirs will come back."""
+        for _, channel, payload in batch:
+            echoes = self._echoes.get(self._share_data_id(channel))
+            if echoes:
+                for index, (_, mine) in enumerate(echoes):
+                    if mine is payload:
+                        del echoes[index]
+                        break
 
     async def _publish(self, batch: list[tuple[Any, ...]]) -> None:
         if len(batch) == 1:
@@ -656,8 +687,10 @@ class RedisChannelRegistry:
             if old is not None:
                 await self._close_pubsub(old)
             # Frames published before a pending UNSUBSCRIBE may be lost with
-            # the connection: nothing more can be delivered to these.
+            # the connection: nothing more can be delivered to these. Echoes
+            # under way are lost with it too.
             self._draining.clear()
+            self._echoes.clear()
             wanted = [self._channel(share_data_id) for share_data_id in self._local]
             if wanted:
                 pubsub = self.redis.pubsub()
@@ -692,8 +725,27 @@ class RedisChannelRegistry:
         elif kind == "unsubscribe":
             channel = _text(message["channel"])
             if channel.startswith(self.channel_prefix):
-                self._draining.pop(self._share_data_id(channel), None)
+                share_data_id = self._share_data_id(channel)
+                self._draining.pop(share_data_id, None)
+                if share_data_id not in self._local:
+                    self._echoes.pop(share_data_id, None)
             self._confirm(_UNSUBSCRIBE, channel)
+
+    def _own_echo(self, share_data_id: str, payload: bytes) -> Optional[int]:
+        """The number of this node's PUBLISH that ``payload`` echoes; None for another node's."""
+        echoes = self._echoes.get(share_data_id)
+        if not echoes:
+            return None
+        for index, (number, mine) in enumerate(echoes):
+            if mine == payload:
+                for _ in range(index + 1):  # any before it will not come back
+                    echoes.popleft()
+                if not echoes:
+                    del self._echoes[share_data_id]
+                return number
+            if index == _ECHO_LOOKAHEAD:
+                break
+        return None
 
     def _deliver(self, channel: str, payload: Any) -> None:
         """One payload from Redis -> one frame -> every local subscriber."""
@@ -718,6 +770,11 @@ class RedisChannelRegistry:
         except InvalidMessage as exc:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
+        number = self._own_echo(share_data_id, payload)
+        if number is not None and next(reversed(targets.values())) >= number:
+            # Someone subscribed after this node published it: their state
+            # frame already holds it, so it would go backwards for them.
+            targets = {connection: start for connection, start in targets.items() if start < number}
         try:
             core.fanout(core.encode_frame(payload), targets)
         except Exception as exc:
