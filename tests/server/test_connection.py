@@ -643,6 +643,25 @@ async def test_a_removal_made_by_an_earlier_transaction_listener_comes_after_the
     assert hub.replay_store.entries_since("doc", "1") is None
 
 
+async def test_a_replacement_with_its_own_history_forgets_the_old_window(
+    hub: ServerHub, manager: ShareDataManager
+) -> None:
+    await apply_transactions(manager, 3)
+    # The same object again (its history goes on): the window stays.
+    manager.update_share_data(manager.get_share_data_by_id("doc"))
+    assert hub.replay_store.entries_since("doc", "1") == [ReplayEntry("2", True), ReplayEntry("3", True)]
+    # A fresh ShareData: its ids start again at "1", the old window must go.
+    manager.update_share_data(make_doc())
+    assert hub.replay_store.entries_since("doc", "1") is None
+    await apply_transactions(manager, 2)
+    peer = Peer(hub)
+    peer.send(subscribe(since="3"))  # a cursor into the old history
+    assert [(m["type"], m.get("lastTransactionId"), m.get("code")) for m in await peer.barrier()] == [
+        ("state", "2", None),
+        ("error", None, "replay-cursor-not-found"),
+    ]
+
+
 class MinimalRegistry:
     """A ChannelRegistry with only the four protocol methods (no ``remove_channel``)."""
 

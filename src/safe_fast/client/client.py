@@ -336,6 +336,13 @@ class RealtimeClient:
         again. Once open, lost connections are re-established automatically.
         When a reconnect is already under way, wait for it. Raises
         :class:`ClientClosed` after :meth:`close`.
+
+        A server that decides on the token only after the upgrade (an
+        asynchronous ``authenticate``) answers a refused one with close 4002
+        once the connection is open: ``connect()`` has then returned, and
+        the refusal is handled like any 4002: with a fixed token it is
+        reported (``error``, :class:`Unauthorized`) and stops the client; with
+        a token callable the client reconnects with a fresh token.
         """
         core = self._core
         if core.state == OPEN:

@@ -191,6 +191,10 @@ class ServerHub:
         # Asynchronous replay-store writes still under way, per ShareData id:
         # a replay reads the window only once they have landed.
         self._pending_writes: dict[str, set[asyncio.Future[Any]]] = {}
+        # The last transaction id recorded per ShareData id: a wholesale
+        # replacement whose history does not end there has a history of its
+        # own, and the window of the old one must go.
+        self._recorded: dict[str, str] = {}
 
     # manager wiring
 
@@ -212,6 +216,7 @@ class ServerHub:
 
     def _on_transaction(self, event: Any) -> None:
         share_data_id = event.share_data_id
+        self._recorded[share_data_id] = event.transaction_id
         # Recorded before the broadcast, so a subscriber that resumes from the
         # id it just received finds it in the window.
         self._store_call("record", share_data_id, ReplayEntry(event.transaction_id, event.accepted))
@@ -221,10 +226,19 @@ class ServerHub:
         )
 
     def _on_updated(self, event: Any) -> None:
-        self.broadcast(event.share_data_id, LifecycleFrame(event.share_data_id, "updated", event.current_state))
+        share_data_id = event.share_data_id
+        recorded = self._recorded.get(share_data_id)
+        share_data = event.share_data
+        if recorded is not None and (share_data is None or share_data.last_transaction_id != recorded):
+            # Replaced by a ShareData with its own history: a cursor into the
+            # old one must not be resumed against the new ids.
+            del self._recorded[share_data_id]
+            self._store_call("forget", share_data_id)
+        self.broadcast(share_data_id, LifecycleFrame(share_data_id, "updated", event.current_state))
 
     def _on_removed(self, event: Any) -> None:
         share_data_id = event.share_data_id
+        self._recorded.pop(share_data_id, None)
         self._store_call("forget", share_data_id)
         self.broadcast(share_data_id, LifecycleFrame(share_data_id, "removed"))
         # Terminal: nobody stays subscribed to a ShareData that is gone.
