@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -840,3 +840,81 @@ async def test_a_change_made_by_a_listener_reaches_every_listener_after_the_one_
         ("first", "share-data:removed"),
         ("second", "share-data:removed"),
     ]
+
+
+class _ReprHello:
+    def __repr__(self) -> str:
+        return "'hello'"
+
+
+def _replace_key(old: Any, new: Any) -> Callable[[Any], None]:
+    def edit(data: Any) -> None:
+        data[new] = data.pop(old)
+
+    return edit
+
+
+def _set_item(key: Any, value: Any) -> Callable[[Any], None]:
+    def edit(data: Any) -> None:
+        data[key] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("data", "edit"),
+    [
+        ({1: "a"}, _replace_key(1, "1")),
+        ({True: "a"}, _replace_key(True, "true")),
+        ({None: "a"}, _replace_key(None, "null")),
+        ([float("nan"), 1], _set_item(0, "nan")),
+        ({"s": {1, 2}}, _set_item("s", ["1", "2"])),
+        ({"t": (1, 2)}, _set_item("t", [1, 2])),
+        ({"o": _ReprHello()}, _set_item("o", "'hello'")),
+    ],
+    ids=["int-key", "bool-key", "none-key", "nan", "set", "tuple", "object"],
+)
+async def test_an_edit_json_alone_would_encode_alike_is_detected(data: Any, edit: Callable[[Any], None]) -> None:
+    manager, share_data = make_manager()
+    await manager.apply_transaction("doc", data, ACCEPT_ALL)
+    assert share_data.verify_chain()
+    edit(share_data.transaction_history[0].proposed_data)
+    assert not share_data.verify_chain()
+
+
+def _deeper(levels: int, call: Callable[[], Any]) -> Any:
+    return call() if levels == 0 else _deeper(levels - 1, call)
+
+
+def _nested(depth: int) -> list[Any]:
+    data: list[Any] = []
+    for _ in range(depth - 1):
+        data = [data]
+    return data
+
+
+async def test_the_nesting_limit_is_the_same_at_any_call_depth() -> None:
+    manager, share_data = make_manager()
+    await manager.apply_transaction("doc", _nested(sharedata.MAX_NESTING), ACCEPT_ALL)
+    # A record that could be made is verified as intact from a much deeper stack too.
+    assert [_deeper(levels, share_data.verify_chain) for levels in (0, 50, 200)] == [True, True, True]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        await manager.apply_transaction("doc", _nested(sharedata.MAX_NESTING + 1), ACCEPT_ALL)
+    assert len(share_data.transaction_history) == 1
+
+
+async def test_a_rule_whose_state_keeps_changing_under_it_gives_up() -> None:
+    manager, share_data = make_manager()
+    evaluations = 0
+
+    async def slow_rule(current: Any, proposed: Any) -> bool:
+        nonlocal evaluations
+        evaluations += 1
+        share_data.current_state = {"count": -evaluations}  # changed directly, behind the manager's back
+        await asyncio.sleep(0)
+        return True
+
+    with pytest.raises(RuntimeError, match="changed while the rule"):
+        await manager.apply_transaction("doc", {"count": 1}, ShareFunction("slow", slow_rule))
+    assert evaluations == sharedata.MAX_EVALUATIONS
+    assert share_data.transaction_history == []

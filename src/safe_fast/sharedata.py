@@ -263,6 +263,10 @@ class _LockEntry:
         self.users = 0
 
 
+MAX_EVALUATIONS = 8
+"""How often ``apply_transaction`` evaluates a rule whose state keeps changing under it."""
+
+
 class ShareDataManager:
     """The ShareData of a process, by id, and the events about them.
 
@@ -351,8 +355,11 @@ class ShareDataManager:
 
         Raise :exc:`KeyError` if there is no ShareData with this id (or it is
         removed before the outcome is recorded), :exc:`RuleError` if the rule
-        raises, and :exc:`ValueError` if the data is nested too deeply to be
-        hashed; in every case nothing is recorded.
+        raises, :exc:`ValueError` if the proposed data or proof is nested
+        deeper than :data:`MAX_NESTING` (or holds a reference cycle), and
+        :exc:`RuntimeError` if the state changed under the rule
+        :data:`MAX_EVALUATIONS` times in a row; in every case nothing is
+        recorded.
         """
         if not isinstance(function, ShareFunction):
             raise TypeError(f"function must be a ShareFunction, got {type(function).__name__}")
@@ -365,7 +372,7 @@ class ShareDataManager:
         entry.users += 1
         try:
             async with entry.lock:
-                while True:
+                for _ in range(MAX_EVALUATIONS):
                     share_data = self._share_data.get(share_data_id)
                     if share_data is None:
                         raise KeyError(_not_found(share_data_id))
@@ -376,6 +383,11 @@ class ShareDataManager:
                         and share_data.current_state is state
                     ):
                         break
+                else:
+                    raise RuntimeError(
+                        f"the state of ShareData {share_data_id!r} changed while the rule of"
+                        f" {function.label!r} ran, {MAX_EVALUATIONS} times in a row; nothing recorded"
+                    )
 
                 # No await from here on: records and events stay in id order.
                 record = share_data._append(function.id, proposed_data, accepted, proof)
@@ -464,64 +476,127 @@ def _hash_fields(
         "proof": proof,
         "prev_hash": prev_hash,
     }
-    try:
-        try:
-            text = _dumps(fields)
-        except (TypeError, ValueError):
-            # Data that strict JSON refuses: NaN or infinities, keys of mixed
-            # types (they cannot be sorted) or of types JSON has no form for,
-            # reference cycles. Encode a normalized copy instead; the prefix
-            # keeps the two encodings from ever colliding.
-            text = "\x00" + _dumps(_normalize(fields, set()))
-    except RecursionError:
-        raise ValueError("proposed data or proof is nested too deeply to be hashed") from None
+    if _is_plain_json(fields):
+        text = _dumps(fields)
+    else:
+        # Data that JSON alone would encode ambiguously or not at all (keys
+        # that are not strings, sets, tuples, other objects, NaN, cycles):
+        # a normalized copy in which every such value is tagged, so no two
+        # different values share an encoding. The prefix keeps the two
+        # encodings from ever colliding.
+        text = "\x00" + _dumps(_normalize(fields, set()))
     # ensure_ascii=False lets lone surrogates through; encode them rather
     # than fail.
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+MAX_NESTING = 400
+"""Deepest nesting of proposed data or proof a transaction records (a third
+of it for data JSON cannot hold as it stands: sets, tuples, keys that are not
+strings, other objects, NaN).
+
+A fixed bound, checked without recursion, so that a record that could be
+hashed when it was made can be hashed again from any call depth (and
+``verify_chain`` never mistakes a deep stack for tampering).
+"""
+
+_NORMALIZED_NESTING = MAX_NESTING // 3
+"""The same bound for data only the normalized encoding can hash (see _normalize)."""
+
+_PLAIN_SCALARS = (str, int, bool, type(None))
+
+
+def _is_plain_json(value: Any) -> bool:
+    """True when JSON encodes *value* unambiguously as it stands.
+
+    Raises :exc:`ValueError` when it is nested deeper than :data:`MAX_NESTING`.
+    Walks without recursion, so the answer does not depend on the call depth.
+    """
+    plain = True
+    deepest = 0
+    on_path: set[int] = set()  # the containers being walked, to tell a cycle
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth < 0:  # leaving a container
+            on_path.discard(item)
+            continue
+        kind = type(item)
+        if kind in _PLAIN_SCALARS:
+            continue
+        if kind is float:
+            plain = plain and math.isfinite(item)
+            continue
+        if not isinstance(item, (list, tuple, dict, set, frozenset)):
+            plain = False
+            continue
+        if id(item) in on_path:
+            plain = False  # a reference cycle
+            continue
+        if depth > MAX_NESTING:
+            raise ValueError("proposed data or proof is nested too deeply to be hashed")
+        deepest = max(deepest, depth)
+        on_path.add(id(item))
+        stack.append((id(item), -1))
+        if kind is dict:
+            for key, child in item.items():
+                if type(key) is not str:
+                    plain = False
+                    stack.append((key, depth + 1))
+                stack.append((child, depth + 1))
+        else:
+            plain = plain and kind is list
+            stack.extend((child, depth + 1) for child in item)
+    if not plain and deepest > _NORMALIZED_NESTING:
+        # The normalized copy wraps containers in tags: up to three JSON
+        # levels for one of ours.
+        raise ValueError("proposed data or proof is nested too deeply to be hashed")
+    return plain
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(
-        value,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-        default=_default,
-    )
-
-
-def _default(value: Any) -> Any:
-    # Called for values JSON has no form for. Sets iterate in an order that
-    # depends on string hashing; sort them to stay deterministic.
-    if isinstance(value, (set, frozenset)):
-        return sorted(_dumps(item) for item in value)
-    return repr(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _normalize(value: Any, active: set[int]) -> Any:
-    """A JSON-encodable, deterministic stand-in for *value*."""
-    if value is None or isinstance(value, (str, bool, int)):
+    """A JSON-encodable, deterministic stand-in for *value*; one frame per level.
+
+    Only called on what :func:`_is_plain_json` walked: no deeper than
+    :data:`MAX_NESTING`.
+    """
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if not isinstance(value, (list, tuple, dict, set, frozenset)):
-        return repr(value)
+    if kind is float:
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if kind not in (list, tuple, dict, set, frozenset):
+        return {"$repr": f"{kind.__module__}.{kind.__qualname__}:{value!r}"}
     if id(value) in active:
-        return "<cycle>"
+        return {"$cycle": True}
     active.add(id(value))
     try:
-        if isinstance(value, dict):
+        items = []
+        if kind is dict:
             # Keys become their own canonical text, so 1 and "1" stay apart
             # and keys of any type can be sorted.
-            pairs = [
-                [_dumps(_normalize(key, active)), _normalize(item, active)]
-                for key, item in value.items()
-            ]
-            return sorted(pairs, key=lambda pair: pair[0])
-        items = [_normalize(item, active) for item in value]
-        if isinstance(value, (set, frozenset)):
-            return sorted(_dumps(item) for item in items)
-        return items
+            for key, item in value.items():
+                items.append([_dumps(_normalize(key, active)), _normalize(item, active)])
+            items.sort(key=_first)
+            return {"$dict": items}
+        for item in value:
+            items.append(_normalize(item, active))
+        if kind is list:
+            return items
+        if kind is tuple:
+            return {"$tuple": items}
+        texts = []
+        for item in items:
+            texts.append(_dumps(item))
+        texts.sort()
+        return {"$set": texts}
     finally:
         active.discard(id(value))
+
+
+def _first(pair: list[Any]) -> Any:
+    return pair[0]
