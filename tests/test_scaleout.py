@@ -509,7 +509,7 @@ async def test_subscribe_on_first_local_subscriber_unsubscribe_after_last(
     assert await redis_client.pubsub_numsub(f"{prefix}doc") == [(f"{prefix}doc".encode(), 1)]
 
     registry.subscribe("doc", b)
-    registry.subscribe("doc", a)  # again: no-op
+    registry.subscribe("doc", a)  # again: no second SUBSCRIBE, and a keeps its place
     registry.subscribe("other", b)
     await registry.flush()
     assert await channels(redis_client, prefix) == [f"{prefix}doc".encode(), f"{prefix}other".encode()]
@@ -623,6 +623,35 @@ async def test_a_subscriber_gets_nothing_this_node_published_before_it_subscribe
     marker = encode_message(tx("doc", "marker", 0))
     await redis_client.publish(f"{prefix}doc", marker)
     assert await a.wait_for_count(5) == [encode_message(f) for f in early + [late]] + [marker]
+    assert await b.wait_for_count(2) == [encode_message(late), marker]
+    assert errors == []
+
+
+async def test_resubscribing_gets_nothing_published_before_either_subscribe(
+    registries: RegistryFactory, redis_client: Any, prefix: str
+) -> None:
+    errors = Errors()
+    registry = registries(on_error=errors)
+    a = Sink()
+    registry.subscribe("doc", a)
+    await registry.flush()
+    early = [tx("doc", str(i), i) for i in (1, 2)]
+    for frame in early:
+        registry.broadcast("doc", frame)
+    # The same connection subscribes again (a new snapshot, holding 1 and 2),
+    # and another one subscribes right after the channel's last one left,
+    # while the UNSUBSCRIBE is still on its way: neither may get 1 or 2.
+    registry.subscribe("doc", a)
+    b = Sink()
+    registry.unsubscribe("doc", a)
+    registry.subscribe("doc", b)
+    registry.subscribe("doc", a)
+    late = tx("doc", "3", 3)
+    registry.broadcast("doc", late)
+    await registry.flush()
+    marker = encode_message(tx("doc", "marker", 0))
+    await redis_client.publish(f"{prefix}doc", marker)
+    assert await a.wait_for_count(2) == [encode_message(late), marker]
     assert await b.wait_for_count(2) == [encode_message(late), marker]
     assert errors == []
 

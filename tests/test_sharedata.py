@@ -918,3 +918,21 @@ async def test_a_rule_whose_state_keeps_changing_under_it_gives_up() -> None:
         await manager.apply_transaction("doc", {"count": 1}, ShareFunction("slow", slow_rule))
     assert evaluations == sharedata.MAX_EVALUATIONS
     assert share_data.transaction_history == []
+
+
+async def test_changes_queued_by_a_listener_still_reach_everyone_when_a_listener_escapes() -> None:
+    manager, _ = make_manager()
+    removed: list[str] = []
+
+    class Abort(BaseException):
+        pass
+
+    def remove_then_escape(event: ShareDataEvent) -> None:
+        manager.remove_share_data_by_id("doc")
+        raise Abort("listener gives up")
+
+    manager.on("share-data:transaction", remove_then_escape)
+    manager.on("share-data:removed", lambda event: removed.append(event.share_data_id))
+    with pytest.raises(Abort):
+        await manager.apply_transaction("doc", {"count": 1}, INCREMENT)
+    assert removed == ["doc"]  # the removal happened: its listeners heard of it

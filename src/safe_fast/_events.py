@@ -72,8 +72,14 @@ class EventEmitter:
             while backlog:
                 self._deliver(*backlog.popleft())
         finally:
-            self._delivering = False
-            backlog.clear()  # empty unless something escaped the listeners' isolation
+            try:
+                # Only after a BaseException escaped a listener: what it
+                # left queued still happened, and every listener must hear it.
+                while backlog:
+                    self._deliver(*backlog.popleft())
+            finally:
+                self._delivering = False
+                backlog.clear()
 
     def _deliver(self, event: str, args: tuple[Any, ...]) -> None:
         listeners = self._listeners.get(event)

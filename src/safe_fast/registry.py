@@ -29,7 +29,12 @@ def encode_broadcast_frame(message: ServerMessage | dict[str, Any]) -> bytes:
 class ChannelRegistry(Protocol):
     """Subscriptions and fan-out. Methods may return awaitables."""
 
-    def subscribe(self, share_data_id: str, connection: Any) -> Union[None, Awaitable[None]]: ...
+    def subscribe(self, share_data_id: str, connection: Any) -> Union[None, Awaitable[None]]:
+        """Add ``connection`` to the subscribers of ``share_data_id``.
+
+        Called again for a connection that is already subscribed each time it
+        takes a new snapshot (a repeated subscribe): that must not add it twice.
+        """
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> Union[None, Awaitable[None]]: ...
 

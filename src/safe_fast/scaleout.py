@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -341,7 +342,9 @@ class RedisChannelRegistry:
         # (number, payload). A subscriber's snapshot already holds what this
         # node published before it subscribed: those echoes skip it.
         self._published = 0
-        self._echoes: dict[str, deque[tuple[int, bytes]]] = {}
+        self._echoes: dict[str, deque[tuple[int, bytes, float]]] = {}
+        # Per channel, the count when its newest local subscriber subscribed.
+        self._newest: dict[str, int] = {}
 
         self._ops: deque[tuple[Any, ...]] = deque()
         self._pending_publishes = 0
@@ -365,11 +368,10 @@ class RedisChannelRegistry:
         subscribers = self._local.get(share_data_id)
         if subscribers is None:
             subscribers = self._local[share_data_id] = {}
-            # Nothing published before this SUBSCRIBE comes back to us.
-            self._echoes.pop(share_data_id, None)
             self._enqueue((_SUBSCRIBE, self._channel(share_data_id)))
-        if connection not in subscribers:
-            subscribers[connection] = self._published
+        # Again for a subscriber already here (it keeps its place): it has just
+        # taken a new snapshot.
+        subscribers[connection] = self._newest[share_data_id] = self._published
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._local.get(share_data_id)
@@ -400,12 +402,13 @@ class RedisChannelRegistry:
         self._pending_publishes += 1
         self._published += 1
         if share_data_id in self._local:
+            now = time.monotonic()
             echoes = self._echoes.get(share_data_id)
             if echoes is None:
                 echoes = self._echoes[share_data_id] = deque()
-            elif len(echoes) >= self.max_pending_publishes:
-                echoes.popleft()  # never came back; stop waiting for it
-            echoes.append((self._published, payload))
+            else:
+                self._expire(echoes, now)
+            echoes.append((self._published, payload, now))
 
     def remove_connection(self, connection: Any) -> None:
         for share_data_id in [i for i, subs in self._local.items() if connection in subs]:
@@ -563,7 +566,7 @@ class RedisChannelRegistry:
         for _, channel, payload in batch:
             echoes = self._echoes.get(self._share_data_id(channel))
             if echoes:
-                for index, (_, mine) in enumerate(echoes):
+                for index, (_, mine, _) in enumerate(echoes):
                     if mine is payload:
                         del echoes[index]
                         break
@@ -729,14 +732,22 @@ class RedisChannelRegistry:
                 self._draining.pop(share_data_id, None)
                 if share_data_id not in self._local:
                     self._echoes.pop(share_data_id, None)
+                    self._newest.pop(share_data_id, None)
             self._confirm(_UNSUBSCRIBE, channel)
+
+    def _expire(self, echoes: deque[tuple[int, bytes, float]], now: float) -> None:
+        """Stop waiting for echoes that will not come (lost in a failure or a reconnect)."""
+        horizon = now - self.confirm_timeout
+        while echoes and (echoes[0][2] < horizon or len(echoes) >= self.max_pending_publishes):
+            echoes.popleft()
 
     def _own_echo(self, share_data_id: str, payload: bytes) -> Optional[int]:
         """The number of this node's PUBLISH that ``payload`` echoes; None for another node's."""
         echoes = self._echoes.get(share_data_id)
         if not echoes:
             return None
-        for index, (number, mine) in enumerate(echoes):
+        self._expire(echoes, time.monotonic())
+        for index, (number, mine, _) in enumerate(echoes):
             if mine == payload:
                 for _ in range(index + 1):  # any before it will not come back
                     echoes.popleft()
@@ -771,7 +782,7 @@ class RedisChannelRegistry:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
         number = self._own_echo(share_data_id, payload)
-        if number is not None and next(reversed(targets.values())) >= number:
+        if number is not None and self._newest.get(share_data_id, -1) >= number:
             # Someone subscribed after this node published it: their state
             # frame already holds it, so it would go backwards for them.
             targets = {connection: start for connection, start in targets.items() if start < number}

@@ -642,3 +642,42 @@ async def test_a_frame_over_max_message_size_is_reported_not_logged_by_asyncio(c
     finally:
         loop.set_exception_handler(previous)
         await server.close()
+
+
+async def test_a_subscribe_made_by_a_close_listener_is_sent_once_on_the_next_connection(
+    scripted_server: Any, clients: Any
+) -> None:
+    server = await scripted_server()
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    client.on("close", lambda code, reason: client.subscribe("b") if "b" not in client.subscriptions else None)
+    await client.connect()
+    client.subscribe("a")
+    first = await server.next_connection()
+    assert await first.recv() == {"v": 1, "type": "subscribe", "shareDataId": "a"}
+    first.close(1001, "going away")
+    second = await server.next_connection()
+    subscribes = [await second.recv(), await second.recv()]
+    barrier = asyncio.ensure_future(client.ping())
+    assert (await second.recv())["type"] == "ping"  # the connection is ordered: nothing else came before it
+    assert sorted(m["shareDataId"] for m in subscribes) == ["a", "b"]
+    assert all(m["type"] == "subscribe" for m in subscribes)
+    await asyncio.wait_for(barrier, DEADLINE)
+
+
+async def test_a_refusal_that_names_an_id_is_never_blamed_on_another(clients: Any) -> None:
+    manager = make_manager("A", "C")
+    server = await start_server(manager, authorize_subscribe=lambda context, share_data_id: share_data_id != "A")
+    client = RealtimeClient(server.url)
+    clients(client)
+    try:
+        await client.connect()
+        client.subscribe("A").unsubscribe()
+        client.subscribe("A")  # two refusals of A are on their way
+        c = client.subscribe("C")
+        c_frames = channel_recorder(c)
+        await eventually(lambda: bool(c_frames), what="C's state")
+        await client.ping()  # both refusals have arrived by now
+        assert not c.is_detached and list(client.subscriptions) == ["C"]
+    finally:
+        await server.close()

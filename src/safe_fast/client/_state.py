@@ -419,6 +419,9 @@ class ClientProtocol:
         self.state = OPEN
         self._ever_opened = True
         self._opened_at = now
+        # What was queued for the previous connection (e.g. by a "close"
+        # listener) is moot: subscriptions and requests are sent again below.
+        self._outbox.clear()
         self._awaiting_state.clear()
         self._unsubscribed.clear()
         self._abandoned.clear()
@@ -799,8 +802,9 @@ class ClientProtocol:
                 named = message[len(_UNKNOWN_PREFIX) : -len(_UNKNOWN_SUFFIX)]
         elif message.startswith(_UNAUTHORIZED_PREFIX):
             named = message[len(_UNAUTHORIZED_PREFIX) :]
-        if named is not None and named in self._awaiting_state:
-            return named
+        if named is not None:
+            # Named: it is that one or, if it is no longer awaited, none.
+            return named if named in self._awaiting_state else None
         return next(iter(self._awaiting_state), None)
 
 

@@ -191,9 +191,9 @@ class ServerHub:
         # Asynchronous replay-store writes still under way, per ShareData id:
         # a replay reads the window only once they have landed.
         self._pending_writes: dict[str, set[asyncio.Future[Any]]] = {}
-        # The last transaction id recorded per ShareData id: a wholesale
-        # replacement whose history does not end there has a history of its
-        # own, and the window of the old one must go.
+        # The hash of the last transaction recorded per ShareData id: a
+        # wholesale replacement whose history does not end with it has a
+        # history of its own, and the window of the old one must go.
         self._recorded: dict[str, str] = {}
 
     # manager wiring
@@ -216,7 +216,9 @@ class ServerHub:
 
     def _on_transaction(self, event: Any) -> None:
         share_data_id = event.share_data_id
-        self._recorded[share_data_id] = event.transaction_id
+        history = event.share_data.transaction_history if event.share_data is not None else None
+        if history:
+            self._recorded[share_data_id] = history[-1].hash
         # Recorded before the broadcast, so a subscriber that resumes from the
         # id it just received finds it in the window.
         self._store_call("record", share_data_id, ReplayEntry(event.transaction_id, event.accepted))
@@ -229,7 +231,8 @@ class ServerHub:
         share_data_id = event.share_data_id
         recorded = self._recorded.get(share_data_id)
         share_data = event.share_data
-        if recorded is not None and (share_data is None or share_data.last_transaction_id != recorded):
+        history = share_data.transaction_history if share_data is not None else None
+        if recorded is not None and (not history or history[-1].hash != recorded):
             # Replaced by a ShareData with its own history: a cursor into the
             # old one must not be resumed against the new ids.
             del self._recorded[share_data_id]
@@ -591,11 +594,10 @@ class ServerConnection(core.Outbox):
         # Register, snapshot and replay with no await in between: every later
         # transaction reaches this connection live, every earlier one is in
         # the snapshot (and, after the cursor, in the replay).
-        if share_data_id not in self.subscriptions:
-            self.subscriptions.add(share_data_id)
-            registered = hub.registry.subscribe(share_data_id, self)
-        else:
-            registered = None
+        # Registered again when already subscribed: a registry may track when
+        # a subscriber's snapshot was taken (the Redis one does).
+        self.subscriptions.add(share_data_id)
+        registered = hub.registry.subscribe(share_data_id, self)
         snapshot = StateFrame(share_data_id, share_data.current_state, share_data.last_transaction_id)
         try:
             sent = self.send_message(snapshot)
