@@ -761,6 +761,11 @@ async def test_custom_path_and_query_string(server_factory: ServerFactory) -> No
     (request,) = requests
     assert request.path == "/rt/v1?token=a%20b&x=1"
     assert request.query == {"token": "a b", "x": "1"}
+    # A repeated key: the first value wins, as URLSearchParams.get has it.
+    async with connect(server.url + "?token=first&token=second") as ws:
+        await ws.send(wire(type="ping", correlationId="r"))
+        assert (await recv_json(ws))["type"] == "pong"
+    assert requests[-1].query == {"token": "first"}
     assert request.headers["x-probe"] == "yes"
     with pytest.raises(InvalidStatus) as info:
         async with connect(f"ws://127.0.0.1:{server.port}/realtime"):

@@ -16,7 +16,8 @@ class UpgradeRequest:
     """What a client asked for when it opened the WebSocket.
 
     ``path`` keeps the query string; ``query`` holds its decoded parameters
-    (the last value wins when a key repeats); ``headers`` is a case-insensitive
+    (the first value wins when a key repeats, as with JavaScript's
+    ``URLSearchParams.get``); ``headers`` is a case-insensitive
     mapping; ``remote_address`` is ``(host, port)`` or ``None``.
     """
 
@@ -33,7 +34,7 @@ class UpgradeRequest:
         remote_address: Any = None,
     ) -> "UpgradeRequest":
         """Build a request from a request target such as ``/realtime?token=x``."""
-        query = dict(parse_qsl(urlsplit(target).query, keep_blank_values=True))
+        query = query_parameters(urlsplit(target).query)
         if headers is None:
             header_map = CIMultiDictProxy(CIMultiDict())
         elif isinstance(headers, CIMultiDictProxy):
@@ -46,3 +47,11 @@ class UpgradeRequest:
     def route(self) -> str:
         """The path without its query string."""
         return urlsplit(self.path).path
+
+
+def query_parameters(query_string: str) -> dict[str, str]:
+    """The decoded parameters of a query string; the first value of a repeated key wins."""
+    parameters: dict[str, str] = {}
+    for key, value in parse_qsl(query_string, keep_blank_values=True):
+        parameters.setdefault(key, value)
+    return parameters

@@ -15,7 +15,7 @@ import socket
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import picows
 from multidict import CIMultiDictProxy
@@ -34,7 +34,7 @@ from .connection import (
     ServerConnection,
     ServerHub,
 )
-from .request import UpgradeRequest
+from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
 
@@ -330,7 +330,7 @@ class RealtimeServer:
             return None  # 404
         upgrade = UpgradeRequest(
             path=target,
-            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            query=query_parameters(parts.query),
             headers=CIMultiDictProxy(request.headers),
             remote_address=None,
         )
