@@ -311,6 +311,13 @@ async def channels(client: Any, prefix: str) -> list[bytes]:
     return sorted(await client.pubsub_channels(f"{prefix}*"))
 
 
+async def publish_marker(redis_client: Any, prefix: str) -> bytes:
+    """PUBLISH, as another node would, a frame on ``doc`` that only Redis can deliver; its payload."""
+    marker = encode_message(tx("doc", "marker", 0))
+    await redis_client.publish(f"{prefix}doc", marker)
+    return marker
+
+
 def tx(share_data_id: str, transaction_id: str, count: int) -> TransactionFrame:
     return TransactionFrame(share_data_id, transaction_id, True, {"count": count})
 
@@ -593,8 +600,7 @@ async def test_local_delivery_is_one_path_exactly_once_in_order(
     await registry.flush()  # every PUBLISH acknowledged: Redis has routed them all
     # A marker that can only arrive through Redis, after all of them: whatever
     # this node delivers for its own broadcasts is in front of it.
-    marker = encode_message(tx("doc", "marker", 0))
-    await redis_client.publish(f"{prefix}doc", marker)
+    marker = await publish_marker(redis_client, prefix)
     expected = [encode_message(frame) for frame in frames] + [marker]
     for sink in (a, b):
         assert await sink.wait_for_count(301) == expected
@@ -620,8 +626,7 @@ async def test_a_subscriber_gets_nothing_this_node_published_before_it_subscribe
     registry.broadcast("doc", late)
     await registry.flush()
     # Another node's message (or one this node cannot match) reaches everybody.
-    marker = encode_message(tx("doc", "marker", 0))
-    await redis_client.publish(f"{prefix}doc", marker)
+    marker = await publish_marker(redis_client, prefix)
     assert await a.wait_for_count(5) == [encode_message(f) for f in early + [late]] + [marker]
     assert await b.wait_for_count(2) == [encode_message(late), marker]
     assert errors == []
@@ -649,8 +654,7 @@ async def test_resubscribing_gets_nothing_published_before_either_subscribe(
     late = tx("doc", "3", 3)
     registry.broadcast("doc", late)
     await registry.flush()
-    marker = encode_message(tx("doc", "marker", 0))
-    await redis_client.publish(f"{prefix}doc", marker)
+    marker = await publish_marker(redis_client, prefix)
     assert await a.wait_for_count(2) == [encode_message(late), marker]
     assert await b.wait_for_count(2) == [encode_message(late), marker]
     assert errors == []

@@ -68,18 +68,20 @@ class EventEmitter:
         if self._delivering:
             return  # the delivery under way takes it next
         self._delivering = True
+        escaped: Optional[BaseException] = None
         try:
             while backlog:
-                self._deliver(*backlog.popleft())
-        finally:
-            try:
-                # Only after a BaseException escaped a listener: what it
-                # left queued still happened, and every listener must hear it.
-                while backlog:
+                try:
                     self._deliver(*backlog.popleft())
-            finally:
-                self._delivering = False
-                backlog.clear()
+                except BaseException as exc:
+                    # Past the listeners' isolation (not an Exception): what
+                    # is queued still happened, so it is delivered first.
+                    if escaped is None:
+                        escaped = exc
+        finally:
+            self._delivering = False
+        if escaped is not None:
+            raise escaped
 
     def _deliver(self, event: str, args: tuple[Any, ...]) -> None:
         listeners = self._listeners.get(event)

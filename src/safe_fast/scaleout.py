@@ -273,8 +273,9 @@ class RedisReplayStore:
 
 _PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE, _BARRIER = range(4)
 _POLL_SECONDS = 1.0
-_ECHO_LOOKAHEAD = 8  # own PUBLISHes an echo may overtake (ones lost in a failure not seen)
 """Longest a pub/sub read waits before the reader looks at its state again."""
+_ECHO_LOOKAHEAD = 8
+"""Own PUBLISHes an echo may overtake: ones whose loss was not seen."""
 
 
 def _log_error(error: BaseException) -> None:

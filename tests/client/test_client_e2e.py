@@ -52,6 +52,20 @@ async def consume(sub: Any, into: list[Any]) -> None:
         into.append(frame)
 
 
+async def reconnecting_client(manager: Any, clients: Any) -> tuple[RealtimeClient, int]:
+    """A client that connected to a server on ``manager`` which then went away: it is reconnecting.
+
+    Returns it and the port, where :func:`start_server` can bring the server back.
+    """
+    server = await start_server(manager)
+    client = RealtimeClient(server.url, backoff=FAST)
+    clients(client)
+    await client.connect()
+    await server.close()
+    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+    return client, server.port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,13 +225,7 @@ async def test_full_queue_fails_at_once(clients: Any) -> None:
 
 async def test_timeout_counts_from_the_call_while_queued(clients: Any) -> None:
     manager = make_manager("doc")
-    server = await start_server(manager)
-    port = server.port
-    client = RealtimeClient(server.url, backoff=FAST)
-    clients(client)
-    await client.connect()
-    await server.close()
-    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+    client, port = await reconnecting_client(manager, clients)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(RequestTimeout) as info:
@@ -292,13 +300,7 @@ async def test_a_queued_request_sent_on_reconnect_keeps_the_timer_armed_at_the_c
 
     manager = make_manager("doc")
     manager.get_share_data_by_id("doc").functions.append(ShareFunction("held", held))
-    server = await start_server(manager)
-    port = server.port
-    client = RealtimeClient(server.url, backoff=FAST)
-    clients(client)
-    await client.connect()
-    await server.close()
-    await eventually(lambda: client.state == "reconnecting", what="disconnect")
+    client, port = await reconnecting_client(manager, clients)
 
     with RequestTimerSpy(loop) as spy:
         before_call = loop.time()

@@ -188,6 +188,10 @@ Frame = tuple[bool, int, bytes]
 """A WebSocket frame as ``(fin, opcode, payload)``."""
 
 
+_EXTENDED_LENGTHS = {126: ("!H", 2, 126), 127: ("!Q", 8, 65536)}
+"""7-bit length marker -> (struct layout, width, smallest length that needs it) (RFC 6455 §5.2)."""
+
+
 def parse_server_frame(data: Union[bytes, bytearray], start: int = 0) -> Optional[tuple[Frame, int, list[str]]]:
     """The server-to-client frame at ``data[start:]``: ``(frame, end, problems)``; None if incomplete.
 
@@ -207,19 +211,13 @@ def parse_server_frame(data: Union[bytes, bytearray], start: int = 0) -> Optiona
         problems.append("server frames must not be masked")
     size = second & 0x7F
     pos = start + 2
-    if size == 126:
-        if available < pos + 2:
+    if size in _EXTENDED_LENGTHS:
+        layout, width, smallest = _EXTENDED_LENGTHS[size]
+        if available < pos + width:
             return None
-        (size,) = struct.unpack_from("!H", data, pos)
-        pos += 2
-        if size < 126:
-            problems.append("non-minimal length")
-    elif size == 127:
-        if available < pos + 8:
-            return None
-        (size,) = struct.unpack_from("!Q", data, pos)
-        pos += 8
-        if size < 65536:
+        (size,) = struct.unpack_from(layout, data, pos)
+        pos += width
+        if size < smallest:
             problems.append("non-minimal length")
     key = b""
     if masked:

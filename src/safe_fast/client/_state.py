@@ -355,10 +355,10 @@ class ClientProtocol:
         self._subscriptions: dict[str, Subscription] = {}
         # Per connection:
         # Subscribes sent and not answered yet (a state frame or a refusal),
-        # in send order, the server's answer order: True while still wanted,
-        # False once unsubscribed, so its late answer is matched, not blamed
-        # on the next one.
-        self._awaiting_state: dict[str, bool] = {}
+        # in send order, the server's answer order. One unsubscribed meanwhile
+        # stays until its answer comes, so that answer is matched to it, not
+        # blamed on the next one.
+        self._awaiting_state: dict[str, None] = {}
         self._unsubscribed: set[str] = set()
         self._abandoned: dict[str, None] = {}
         self._culprit_dropped = False
@@ -570,7 +570,7 @@ class ClientProtocol:
         share_data_id = subscription.share_data_id
         self._outbox.append(encode_message(Subscribe(share_data_id, subscription.last_transaction_id or None)))
         self._awaiting_state.pop(share_data_id, None)
-        self._awaiting_state[share_data_id] = True
+        self._awaiting_state[share_data_id] = None
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         """Called by :meth:`Subscription.unsubscribe` (which then detaches it)."""
@@ -578,8 +578,6 @@ class ClientProtocol:
         if self._subscriptions.get(share_data_id) is not subscription:
             return
         del self._subscriptions[share_data_id]
-        if share_data_id in self._awaiting_state:
-            self._awaiting_state[share_data_id] = False
         if self.state == OPEN:
             self._outbox.append(encode_message(Unsubscribe(share_data_id)))
             # Frames already on their way are expected: drop them quietly.
