@@ -34,6 +34,7 @@ from .connection import (
     ServerConnection,
     ServerHub,
 )
+from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -228,6 +229,7 @@ class RealtimeServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
+        self._http_routes: dict[str, HttpHandler] = {}
         self.host = ""
         self.port = 0
 
@@ -249,6 +251,25 @@ class RealtimeServer:
 
     def off(self, event: str, listener: Listener) -> None:
         self._events.off(event, listener)
+
+    def add_http_route(self, path: str, handler: HttpHandler) -> None:
+        """Answer plain ``GET`` requests to ``path`` (exact, query ignored) with ``handler``.
+
+        Only requests that are not WebSocket upgrades reach it, and ``path``
+        cannot be the WebSocket path. Health checks, metrics and the
+        inspector page use this to share the WebSocket port. picows itself
+        answers any other method with 400.
+        """
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError("path must be a string starting with '/'")
+        if path == self.path:
+            raise ValueError(f"{path!r} is the WebSocket path")
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        self._http_routes[path] = handler
+
+    def remove_http_route(self, path: str) -> None:
+        self._http_routes.pop(path, None)
 
     async def close(self) -> None:
         """Close every connection with 1001, detach from the manager, stop listening."""
@@ -326,12 +347,16 @@ class RealtimeServer:
             parts = urlsplit(target)
         except ValueError:  # e.g. "//[x/realtime": not a path of ours either
             return None  # 404
-        if parts.path != self.path:
-            return None  # 404
+        headers = CIMultiDictProxy(request.headers)
+        if parts.path != self.path or not is_websocket_upgrade(headers):
+            return self._answer_http(parts.path, parts.query, target, headers)
+        if headers.get("sec-websocket-version") != "13":
+            # RFC 6455 §4.4: name the version we speak. (picows would also take 7 and 8.)
+            return _upgrade_required()
         upgrade = UpgradeRequest(
             path=target,
             query=query_parameters(parts.query),
-            headers=CIMultiDictProxy(request.headers),
+            headers=headers,
             remote_address=None,
         )
         try:
@@ -345,6 +370,20 @@ class RealtimeServer:
         if not context:
             return _unauthorized()
         return _Listener(self, context, None)
+
+    def _answer_http(self, path: str, query: str, target: str, headers: Any) -> Any:
+        """A request that is not an upgrade of the WebSocket path: a plain route, or 404."""
+        handler = self._http_routes.get(path)
+        if handler is None or is_websocket_upgrade(headers):
+            # The WebSocket path asked for without an upgrade: say how to ask.
+            return _upgrade_required() if path == self.path else None  # else 404
+        plain = UpgradeRequest(path=target, query=query_parameters(query), headers=headers, remote_address=None)
+        try:
+            response = handler(plain)
+        except Exception:
+            logger.exception("HTTP handler for %s raised", path)
+            response = HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error")
+        return to_picows_response(response)
 
     async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
         try:
@@ -373,6 +412,17 @@ class RealtimeServer:
             connection.heartbeat()
         if not self._closed and self.heartbeat_interval:
             self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
+
+
+def _upgrade_required() -> Any:
+    return picows.WSUpgradeResponseWithListener(
+        picows.WSUpgradeResponse.create_error_response(
+            HTTPStatus.UPGRADE_REQUIRED,
+            b"426 Upgrade Required",
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+        ),
+        None,
+    )
 
 
 def _unauthorized() -> Any:
