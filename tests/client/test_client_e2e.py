@@ -577,10 +577,17 @@ async def test_an_unknown_id_already_unsubscribed_does_not_drop_the_next_on_4003
         missing = client.subscribe("missing")
         missing.unsubscribe()
         good = client.subscribe("good")
+        good_frames = channel_recorder(good)
+        frames_at_open: list[int] = []
+        client.on("open", lambda: frames_at_open.append(len(good_frames)))
         await eventually(lambda: len(recorder.of("open")) == 2, what="the reconnect after 4003")
         assert recorder.of("close") == [(4003, "unknown shareDataId")]
         assert not good.is_detached and list(client.subscriptions) == ["good"]
-        good_frames = channel_recorder(good)
+        # Applied before the server has the resubscribe, the transaction would
+        # reach nobody: wait for the state the new connection answers with.
+        await eventually(
+            lambda: any(f.type == "state" for f in good_frames[frames_at_open[-1] :]), what="good's state after the reconnect"
+        )
         await apply(manager, "good", {"n": 1})
         await eventually(lambda: any(f.type == "transaction" for f in good_frames), what="good's transaction")
         assert not any(isinstance(e, SubscriptionRejected) for e in recorder.errors())

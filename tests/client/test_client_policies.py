@@ -249,7 +249,8 @@ async def test_http_401_with_a_token_callable_keeps_trying(scripted_server: Any,
     first.close(1001, "going away")
     second = await server.next_connection()
     assert second.query["token"] == "good-2"
-    assert client.state == "open"
+    # The server has the connection before the client has read the upgrade answer.
+    await eventually(lambda: client.state == "open", what="the reconnect")
     errors = [e for e in recorder.errors() if isinstance(e, Unauthorized)]
     assert [e.status for e in errors] == [401, 401]
     assert [args[0] for args in recorder.of("reconnecting")] == [1, 2, 3]
