@@ -34,13 +34,13 @@ if _flag("SAFE_FAST_PURE_PYTHON"):
     _BACKEND = "python"
 else:
     try:
-        from . import _core as core  # type: ignore[no-redef]
+        from . import _core as core  # type: ignore[attr-defined,no-redef]
 
         _BACKEND = "cython"
     except ImportError as exc:
         if _flag("SAFE_FAST_REQUIRE_COMPILED"):
             raise
-        from . import _core_py as core  # type: ignore[no-redef]
+        from . import _core_py as core
 
         _BACKEND = "python"
         if importlib.util.find_spec(f"{__package__}._core") is None:
@@ -50,6 +50,7 @@ else:
         warnings.warn(
             f"safe_fast runs on its slower pure-Python core: {_FALLBACK_REASON}. To fix: {FALLBACK_FIX}.",
             RuntimeWarning,
+            stacklevel=2,
         )
 
 

@@ -200,7 +200,7 @@ class Outbox:
         self._queued = 0
         if self.transport.is_closing():
             return
-        data = head if frames is None else self.flusher.join(frames)
+        data: bytes = head if frames is None else self.flusher.join(frames)  # type: ignore[assignment]
         self.transport.write(data)
         self._transport_bytes += len(data)
 

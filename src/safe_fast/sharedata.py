@@ -539,7 +539,7 @@ def _is_plain_json(value: Any) -> bool:
         on_path.add(id(item))
         stack.append((id(item), -1))
         if kind is dict:
-            for key, child in item.items():
+            for key, child in item.items():  # type: ignore[union-attr]
                 if type(key) is not str:
                     plain = False
                     stack.append((key, depth + 1))

@@ -158,7 +158,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             if not transport.is_close_frame_sent:
                 # Echo the peer's code (RFC 6455 section 5.5.1).
                 echo = code if code >= 1000 and code != _CLOSE_NO_STATUS else _CLOSE_NORMAL
-                transport.send_close(echo)
+                transport.send_close(echo)  # type: ignore[arg-type]  # 4xxx codes are plain ints
             transport.disconnect()
         # PING is answered by picows (enable_auto_pong); PONG needs nothing.
 

@@ -72,7 +72,9 @@ async def demo() -> None:
             assert state.type == "state" and state.current_state == {"count": 0}, state
             print(f"2. subscribed: state {state.current_state}, cursor {state.last_transaction_id}")
 
-            outcome = await manager.apply_transaction("counter", {"count": 1}, manager.get_share_data_by_id("counter").functions[0])
+            counter = manager.get_share_data_by_id("counter")
+            assert counter is not None
+            outcome = await manager.apply_transaction("counter", {"count": 1}, counter.functions[0])
             live = await next_frame(frames)
             assert live.type == "transaction" and live.transaction_id == outcome.transaction_id, live
             print(f"3. live update from the server side: transaction {live.transaction_id} -> {live.current_state}")

@@ -286,8 +286,9 @@ class ServerHub:
                 pending.discard(t)
                 if not pending and self._pending_writes.get(share_data_id) is pending:
                     del self._pending_writes[share_data_id]
-                if not t.cancelled() and t.exception() is not None:
-                    self._replay_failed(share_data_id, operation, t.exception())
+                error = None if t.cancelled() else t.exception()
+                if error is not None:
+                    self._replay_failed(share_data_id, operation, error)
 
             task.add_done_callback(done)
 

@@ -35,6 +35,7 @@ class UpgradeRequest:
     ) -> "UpgradeRequest":
         """Build a request from a request target such as ``/realtime?token=x``."""
         query = query_parameters(urlsplit(target).query)
+        header_map: CIMultiDictProxy[str]
         if headers is None:
             header_map = CIMultiDictProxy(CIMultiDict())
         elif isinstance(headers, CIMultiDictProxy):

@@ -170,7 +170,7 @@ class _Control:
         self.transport = transport
 
     def send_close(self, code: int, reason: bytes) -> None:
-        self.transport.send_close(code, reason)
+        self.transport.send_close(code, reason)  # type: ignore[arg-type]  # 4xxx codes are plain ints
 
     def disconnect(self, graceful: bool = True) -> None:
         self.transport.disconnect(graceful)
