@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tarfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -322,3 +324,112 @@ def test_make_wheel_installs_with_the_compiled_core_into_every_interpreter(tmp_p
         assert used.stdout.strip() == "cython", (version, used.stdout, used.stderr)
         report = run([python, "-m", "safe_fast", "--version"], env=clean_env(), cwd=tmp_path, timeout=60)
         assert report.returncode == 0 and "core: compiled (cython)" in report.stdout, report.stdout + report.stderr
+
+
+# -- CI and release workflows, checked here since GitHub is out of reach ----------------------------
+
+SUPPORTED = ["3.10", "3.11", "3.12", "3.13", "3.14"]
+WORKFLOWS = REPO / ".github" / "workflows"
+needs_release_tools = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="check-jsonschema and cibuildwheel 4 need Python >= 3.11"
+)
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (the `release` extra)."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is missing: install the release extra (pip install '.[release]')"
+    return str(path)
+
+
+def load_workflow(name: str) -> dict[str, Any]:
+    from ruamel.yaml import YAML
+
+    loaded: dict[str, Any] = YAML(typ="safe").load((WORKFLOWS / name).read_text(encoding="utf-8"))
+    return loaded
+
+
+@packaging
+@needs_release_tools
+def test_workflows_match_the_github_workflow_schema() -> None:
+    files = sorted(str(path) for path in WORKFLOWS.glob("*.yml"))
+    assert {Path(name).name for name in files} >= {"ci.yml", "wheels.yml"}
+    checked = run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *files], env=clean_env(), timeout=120
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@packaging
+@needs_release_tools
+def test_ci_runs_both_cores_on_every_supported_python_and_lints() -> None:
+    ci = load_workflow("ci.yml")
+    assert {"push", "pull_request"} <= set(ci["on"])
+    test = ci["jobs"]["test"]
+    assert test["strategy"]["matrix"]["python"] == SUPPORTED
+    extra = {(entry["os"], entry["python"]) for entry in test["strategy"]["matrix"]["include"]}
+    assert extra == {("macos-latest", SUPPORTED[-1]), ("windows-latest", SUPPORTED[-1])}
+    commands = " ".join(step.get("run", "") for step in test["steps"])
+    assert "SAFE_FAST_REQUIRE_COMPILED=1 python -m pytest" in commands
+    assert "SAFE_FAST_PURE_PYTHON=1 python -m pytest" in commands
+    lint = " ".join(step.get("run", "") for step in ci["jobs"]["lint"]["steps"])
+    assert "ruff check" in lint and "mypy" in lint
+
+
+@packaging
+@needs_release_tools
+def test_wheels_are_built_by_cibuildwheel_4_and_published_by_trusted_publishing_on_a_tag() -> None:
+    wheels = load_workflow("wheels.yml")
+    assert wheels["on"]["push"]["tags"] == ["v*"]
+    jobs = wheels["jobs"]
+    uses = [step.get("uses", "") for step in jobs["wheels"]["steps"]]
+    assert any(use.startswith("pypa/cibuildwheel@v4.") for use in uses), uses
+    assert set(jobs["wheels"]["strategy"]["matrix"]["os"]) == {
+        "ubuntu-latest",
+        "ubuntu-24.04-arm",
+        "macos-15-intel",
+        "macos-latest",
+        "windows-latest",
+    }
+    publish = jobs["publish"]
+    assert publish["permissions"] == {"id-token": "write"}
+    assert "startsWith(github.ref, 'refs/tags/v')" in publish["if"]
+    assert set(publish["needs"]) == {"wheels", "pure", "sdist"}
+    steps = [step.get("uses", "") for step in publish["steps"]]
+    assert "pypa/gh-action-pypi-publish@release/v1" in steps
+    assert not [step for step in publish["steps"] if "password" in step.get("with", {})]
+
+
+def build_identifiers(platform: str, archs: str | None) -> set[str]:
+    args = [tool("cibuildwheel"), "--print-build-identifiers", "--platform", platform]
+    if archs:
+        args += ["--archs", archs]
+    listed = run(args, cwd=REPO, env=clean_env(), timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return set(listed.stdout.split())
+
+
+@packaging
+@needs_release_tools
+@pytest.mark.parametrize(
+    ("platform", "archs", "tags"),
+    [
+        ("linux", "x86_64,aarch64", [f"{libc}_{arch}" for libc in ("manylinux", "musllinux") for arch in ("x86_64", "aarch64")]),
+        ("macos", "x86_64,arm64", ["macosx_x86_64", "macosx_arm64"]),
+        ("windows", "AMD64", ["win_amd64"]),
+    ],
+)
+def test_cibuildwheel_builds_every_supported_cpython_for_each_platform(platform: str, archs: str, tags: list[str]) -> None:
+    expected = {f"cp{version.replace('.', '')}-{tag}" for version in SUPPORTED for tag in tags}
+    assert build_identifiers(platform, archs) == expected
+
+
+@packaging
+@needs_release_tools
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="checked on x86_64 Linux"
+)
+def test_each_wheel_runner_builds_its_native_architecture_only() -> None:
+    # The x86_64 Linux runner must not try aarch64 under emulation: the arm runner builds those.
+    expected = {f"cp{version.replace('.', '')}-{libc}_x86_64" for version in SUPPORTED for libc in ("manylinux", "musllinux")}
+    assert build_identifiers("linux", None) == expected
