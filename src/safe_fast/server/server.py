@@ -45,7 +45,12 @@ _TEXT = picows.WSMsgType.TEXT
 _BINARY = picows.WSMsgType.BINARY
 _CONTINUATION = picows.WSMsgType.CONTINUATION
 _CLOSE = picows.WSMsgType.CLOSE
+_PING = picows.WSMsgType.PING
 _PONG = picows.WSMsgType.PONG
+
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+"""Close codes a peer may send (RFC 6455 §7.4, with IANA's 1012–1014), besides 3000–4999.
+1004 is reserved; 1005, 1006 and 1015 must never appear on the wire."""
 
 READ_BUFFER_SIZE = 2048
 """Initial read buffer per connection. picows grows it on demand; clients of
@@ -95,6 +100,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
+            websocket=transport,
         )
         self.connection = connection
         connection.opened()
@@ -110,16 +116,26 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         connection = self.connection
         if connection is None:
             return
+        msg_type = frame.msg_type
+        if connection.is_closing or transport.is_close_frame_sent:
+            # After a close frame (ours, or one picows sent for a framing
+            # error it found, while it goes on parsing what was already on
+            # the way) nothing is acted on or answered: only the peer's close
+            # ends the handshake.
+            connection.close_frame_sent()
+            if msg_type == _CLOSE:
+                transport.disconnect()
+            return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             # No extension is ever negotiated, so a reserved bit fails the connection (RFC 6455 §5.2).
             connection.close(1002, "reserved bits set")
             return
-        msg_type = frame.msg_type
         if msg_type == _TEXT or msg_type == _BINARY:
-            if frame.fin:
-                if self.fragments is not None:
-                    connection.close(1002, "expected a continuation frame")
-                    return
+            if self.fragments is not None:
+                # A new message before the fragmented one finished (RFC 6455 §5.4).
+                self.fragments = None
+                connection.close(1002, "expected a continuation frame")
+            elif frame.fin:
                 connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
             else:
                 self.fragments = bytearray(frame.get_payload_as_memoryview())
@@ -136,13 +152,22 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             if frame.fin:
                 payload, self.fragments = bytes(self.fragments), None
                 connection.receive_message(payload, self.fragments_binary)
+        elif msg_type == _PING:
+            # Answered here rather than by picows, which would answer after a close frame too.
+            transport.send_pong(frame.get_payload_as_bytes())
         elif msg_type == _PONG:
             connection.pong_received()
         elif msg_type == _CLOSE:
-            if not connection.is_closing:
+            payload = frame.get_payload_as_bytes()
+            if not payload:
+                # A close without a status code is answered with 1000.
+                connection.close(CLOSE_NORMAL, "")
+            else:
                 code = _close_code(frame.get_close_code())
-                # Echo the peer's code (RFC 6455 §5.5.1); a close without one gets 1000.
-                connection.close(code if code >= 1000 else CLOSE_NORMAL, "")
+                if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999:
+                    connection.close(code, "")  # echo the peer's code (RFC 6455 §5.5.1)
+                else:
+                    connection.close(1002, "invalid close code")
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
@@ -321,7 +346,8 @@ class RealtimeServer:
             websocket_handshake_timeout=10,
             max_frame_size=self.max_message_size,
             read_buffer_init_size=READ_BUFFER_SIZE,
-            enable_auto_pong=True,
+            # Pings are answered by the listener, which knows when a close frame went out.
+            enable_auto_pong=False,
             logger_name=_PICOWS_LOGGER,
             # picows' default is aiofastnet's transport whenever aiofastnet
             # is installed (a picows dependency). It embeds a 4 KiB iovec
