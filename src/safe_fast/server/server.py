@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import ssl as ssl_module
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
@@ -226,8 +227,10 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        ssl: Optional[ssl_module.SSLContext] = None,
     ) -> None:
         self.manager = manager
+        self.ssl = ssl
         self.authenticate = authenticate
         self.path = path
         self.registry = registry
@@ -263,7 +266,8 @@ class RealtimeServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{self.path}"
+        scheme = "ws" if self.ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}{self.path}"
 
     @property
     def connections(self) -> list[ServerConnection]:
@@ -354,6 +358,9 @@ class RealtimeServer:
             # array: over 5 KiB per connection against ~1 KiB for the loop's
             # own (uvloop) transport, to which the core sends directly anyway.
             use_aiofastnet=False,
+            # TLS on the listener itself (wss://); the core then writes through
+            # the TLS transport, never straight to the socket.
+            ssl=self.ssl,
             **kwargs,
         )
         bound = self._server.sockets[0].getsockname()
@@ -476,6 +483,7 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    ssl: Optional[ssl_module.SSLContext] = None,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -487,7 +495,9 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped.
+    to answer the close handshake before it is dropped. ``ssl``, a server-side
+    :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
+    it, put TLS in front, at a proxy).
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -498,6 +508,8 @@ async def attach_realtime_server(
             raise ValueError(f"{name} must be a positive int")
     if heartbeat_interval is not None and not heartbeat_interval > 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -512,6 +524,7 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        ssl=ssl,
     )
     await server._start(host, port, sock)
     return server
