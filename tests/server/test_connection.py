@@ -1066,6 +1066,19 @@ async def test_authenticating_connection_queues_until_authenticated(make_hub: Ca
     assert contexts == [{"subject": "bob"}]
 
 
+async def test_messages_waiting_for_an_async_authenticate_are_limited_too(make_hub: Callable[..., ServerHub]) -> None:
+    peer = Peer(make_hub(), authenticating=True)
+    for i in range(MAX_PENDING_MESSAGES):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
+    assert peer.rec.closes() == []
+    peer.send({"type": "ping", "correlationId": "one-too-many"})
+    assert await peer.closed() == (1008, b"too many pending messages")
+    peer.conn.authenticated({"subject": "late"})
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert peer.rec.messages() == []
+
+
 async def test_authenticating_connection_rejected_closes_4002_and_processes_nothing(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:
     hub = make_hub()
     opened: list[Any] = []

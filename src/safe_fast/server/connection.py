@@ -514,9 +514,14 @@ class ServerConnection(core.Outbox):
             self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if self._handling and self._inbox is not None and len(self._inbox) >= MAX_PENDING_MESSAGES:
-            # Only messages waiting behind a hook count: a burst that one
-            # socket read delivered is answered in order, however long.
+        if (
+            (self._handling or self._state == _AUTHENTICATING)
+            and self._inbox is not None
+            and len(self._inbox) >= MAX_PENDING_MESSAGES
+        ):
+            # Only messages waiting behind a hook (``authenticate`` included)
+            # count: a burst that one socket read delivered is answered in
+            # order, however long.
             self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
             return
         self._enqueue(payload, binary)
