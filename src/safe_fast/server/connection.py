@@ -19,7 +19,8 @@ adapter (``server.py``) fills in and that tests fill with recording objects:
   ``is_closing``) that the compiled :class:`~safe_fast._core.Outbox` it
   inherits from writes coalesced frames to;
 * the *control* object (``send_close(code, reason)``, ``disconnect()``,
-  ``send_ping()``) for WebSocket control frames.
+  ``send_ping()``, ``send_pong(payload)``, ``pause_reading()``,
+  ``resume_reading()``) for WebSocket control frames and flow control.
 
 A connection is in one of these states::
 
@@ -32,7 +33,14 @@ Messages are handled strictly in arrival order. Ping and unsubscribe, which
 call no hook, are answered inline when nothing is pending. Everything else
 (and everything while something is pending) goes through a FIFO drained by
 one task per busy connection, so an ``async`` hook delays only its own
-connection, and an idle connection owns no task.
+connection, and an idle connection owns no task. When the FIFO holds
+:data:`MAX_PENDING_MESSAGES`, the connection stops reading its socket until
+half of them are handled, so a pipelining client is slowed down by TCP
+rather than closed, and memory stays bounded.
+
+From the moment a close frame is decided (by this object, or by the
+WebSocket layer for a framing error it found: :meth:`close_frame_sent`),
+nothing else is sent and nothing received is acted on.
 """
 
 from __future__ import annotations
@@ -98,7 +106,11 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 MAX_PENDING_MESSAGES = 1024
-"""Messages a connection may have waiting behind a slow hook before it is closed (1008)."""
+"""Messages a connection may have waiting before the server stops reading its socket.
+
+Reading resumes once half of them are handled: a client that sends faster
+than its hooks answer is slowed down by TCP, never closed, and every message
+is answered in order."""
 
 
 # -- observability events ----------------------------------------------------------
@@ -149,8 +161,7 @@ def _error_text(exc: BaseException) -> str:
     # KeyError quotes its message; the wire wants the words themselves.
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         return exc.args[0]
-    # An exception without words is named by its type rather than sent as "".
-    return str(exc) or type(exc).__name__
+    return str(exc)
 
 
 async def _resolve(value: Any) -> Any:
@@ -378,9 +389,11 @@ class ServerConnection(core.Outbox):
         # connection holds neither (an empty deque alone is ~0.75 KiB).
         self._inbox: Optional[deque[tuple[bytes, bool]]] = None
         self._worker: Optional[asyncio.Task[None]] = None
-        # True while the worker is inside a message (so suspended on a hook
-        # whenever anything else runs): what arrives then waits behind it.
-        self._handling = False
+        # Whether this connection stopped reading its socket (FIFO full).
+        self._reading_paused = False
+        # The payload of a WebSocket ping that came while authenticating: it is
+        # answered once the connection opens (nothing may precede a 4002).
+        self._held_ping: Optional[bytes] = None
         self._timers: Optional[list[asyncio.TimerHandle]] = None
 
     def __repr__(self) -> str:
@@ -426,6 +439,9 @@ class ServerConnection(core.Outbox):
         self._state = _OPEN
         self._announced = True
         self.hub.events.emit("connection:opened", ConnectionOpenedEvent(self.id, self.context))
+        if self._held_ping is not None:
+            self.ping_received(self._held_ping)
+            self._held_ping = None
         self._ensure_worker()
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
@@ -452,8 +468,10 @@ class ServerConnection(core.Outbox):
         # no queued message runs, no live frame is sent, no channel delivers.
         self._state = _CLOSING
         self._inbox = None
+        self._held_ping = None
         self.close_outbox(flush)
         self._leave_channels()
+        self._resume_reading()  # the peer's close frame must still be read
         self.call_later(self.hub.close_timeout, self.abort)
 
     def abort(self) -> None:
@@ -514,16 +532,6 @@ class ServerConnection(core.Outbox):
             self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if (
-            (self._handling or self._state == _AUTHENTICATING)
-            and self._inbox is not None
-            and len(self._inbox) >= MAX_PENDING_MESSAGES
-        ):
-            # Only messages waiting behind a hook (``authenticate`` included)
-            # count: a burst that one socket read delivered is answered in
-            # order, however long.
-            self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
-            return
         self._enqueue(payload, binary)
         if self._state == _OPEN:
             self._ensure_worker()
@@ -532,6 +540,26 @@ class ServerConnection(core.Outbox):
         if self._inbox is None:
             self._inbox = deque()
         self._inbox.append((payload, binary))
+        if len(self._inbox) >= MAX_PENDING_MESSAGES and not self._reading_paused:
+            # Enough waiting: let TCP hold the rest (what the current socket
+            # read already delivered still arrives, so the FIFO stays bounded).
+            self._reading_paused = True
+            self.control.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            try:
+                self.control.resume_reading()
+            except Exception:
+                logger.debug("resume_reading failed on %s", self.id, exc_info=True)
+
+    def ping_received(self, payload: bytes) -> None:
+        """A WebSocket ping: answered while open, held while authenticating, dropped after a close frame."""
+        if self._state == _OPEN:
+            self.control.send_pong(payload)
+        elif self._state == _AUTHENTICATING:
+            self._held_ping = payload
 
     def _ensure_worker(self) -> None:
         if self._worker is None and self._inbox:
@@ -541,13 +569,12 @@ class ServerConnection(core.Outbox):
         try:
             while self._inbox and self._state == _OPEN:
                 payload, binary = self._inbox.popleft()
-                self._handling = True
+                if self._reading_paused and len(self._inbox) <= MAX_PENDING_MESSAGES // 2:
+                    self._resume_reading()
                 try:
                     await self._handle(payload, binary)
                 except Exception:
                     logger.exception("unexpected failure handling a message on %s", self.id)
-                finally:
-                    self._handling = False
         finally:
             self._worker = None
             if not self._inbox:
@@ -695,9 +722,14 @@ class ServerConnection(core.Outbox):
 
     def heartbeat(self) -> None:
         """One heartbeat tick: ping, or terminate if the last ping went unanswered."""
+        websocket = self.websocket
+        if websocket is not None and websocket.is_close_frame_sent:
+            # The WebSocket layer closed it and nothing flushed since to notice.
+            self.close_frame_sent()
         if self._state >= _CLOSING:
             return
-        if self.awaiting_pong:
+        # While this server is not reading the socket, the pong may be waiting in it.
+        if self.awaiting_pong and not self._reading_paused:
             logger.info("connection %s missed a heartbeat; terminating", self.id)
             self.abort()
             return

@@ -154,8 +154,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 payload, self.fragments = bytes(self.fragments), None
                 connection.receive_message(payload, self.fragments_binary)
         elif msg_type == _PING:
-            # Answered here rather than by picows, which would answer after a close frame too.
-            transport.send_pong(frame.get_payload_as_bytes())
+            # The connection decides (not picows' auto-pong): nothing may precede a 4002.
+            connection.ping_received(frame.get_payload_as_bytes())
         elif msg_type == _PONG:
             connection.pong_received()
         elif msg_type == _CLOSE:
@@ -170,6 +170,14 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 else:
                     connection.close(1002, "invalid close code")
             transport.disconnect()
+
+    # The transport's buffer crossing its watermarks: the outbox measures the
+    # buffer itself, so these are only acknowledged (else picows logs each).
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
         connection = self.connection
@@ -203,6 +211,15 @@ class _Control:
 
     def send_ping(self) -> None:
         self.transport.send_ping()
+
+    def send_pong(self, payload: bytes) -> None:
+        self.transport.send_pong(payload)
+
+    def pause_reading(self) -> None:
+        self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.underlying_transport.resume_reading()
 
 
 class RealtimeServer:
@@ -412,11 +429,10 @@ class RealtimeServer:
             return _upgrade_required() if path == self.path else None  # else 404
         plain = UpgradeRequest(path=target, query=query_parameters(query), headers=headers, remote_address=None)
         try:
-            response = handler(plain)
+            return to_picows_response(handler(plain))
         except Exception:
-            logger.exception("HTTP handler for %s raised", path)
-            response = HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error")
-        return to_picows_response(response)
+            logger.exception("HTTP handler for %s failed", path)
+            return to_picows_response(HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error"))
 
     async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
         try:
