@@ -35,6 +35,7 @@ from .connection import (
     ServerHub,
 )
 from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
+from .listen import AcceptFailureLog, resolve_backlog
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -201,6 +202,7 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        backlog: int,
     ) -> None:
         self.manager = manager
         self.authenticate = authenticate
@@ -210,6 +212,7 @@ class RealtimeServer:
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
+        self.backlog = backlog
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
         self._hub = ServerHub(
@@ -230,6 +233,7 @@ class RealtimeServer:
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
         self._http_routes: dict[str, HttpHandler] = {}
+        self._accept_failures = AcceptFailureLog(logger, self._loop, lambda: len(self._hub.connections))
         self.host = ""
         self.port = 0
 
@@ -284,6 +288,7 @@ class RealtimeServer:
                 self._heartbeat.cancel()
             if self._server is not None:
                 self._server.close()
+            self._accept_failures.close()
             for connection in self.connections:
                 connection.close(CLOSE_GOING_AWAY, "server shutting down")
             self._hub.flusher.flush_all()
@@ -328,16 +333,24 @@ class RealtimeServer:
             # array: over 5 KiB per connection against ~1 KiB for the loop's
             # own (uvloop) transport, to which the core sends directly anyway.
             use_aiofastnet=False,
+            # Reaches listen() on both paths: the loop listens on a given
+            # socket too (uvloop with its own 100 unless told otherwise).
+            backlog=self.backlog,
             **kwargs,
         )
-        bound = self._server.sockets[0].getsockname()
+        listening = self._server.sockets[0]
+        bound = listening.getsockname()
         self.host, self.port = bound[0], bound[1]
+        self._accept_failures.watch(listening.fileno())
         self._hub.attach()
         if self.heartbeat_interval:
             self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
 
     def _route(self, request: picows.WSUpgradeRequest) -> Any:
         """picows' listener factory: decides the upgrade synchronously."""
+        # Every request first checks there is room for the next connection:
+        # uvloop drops connections it cannot accept without a word.
+        self._accept_failures.check_descriptors()
         if self._closed:
             return picows.WSUpgradeResponseWithListener(
                 picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
@@ -450,6 +463,7 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    backlog: Optional[int] = None,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -461,7 +475,9 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped.
+    to answer the close handshake before it is dropped. ``backlog`` is the
+    listen backlog (connections the kernel queues until they are accepted);
+    None takes the system's ``somaxconn``.
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -472,6 +488,7 @@ async def attach_realtime_server(
             raise ValueError(f"{name} must be a positive int")
     if heartbeat_interval is not None and not heartbeat_interval > 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    backlog = resolve_backlog(backlog)
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -486,6 +503,7 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        backlog=backlog,
     )
     await server._start(host, port, sock)
     return server
