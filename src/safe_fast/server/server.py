@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import picows
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
@@ -58,6 +58,10 @@ this protocol send small messages, so the 16 KiB default mostly sits idle."""
 # ``picows.safe_fast.server.picows``, only without the per-connection ".<fd>".
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.safe_fast.server.picows"), {})
 
+# What picows' upgrade request and 101 response keep as headers once the
+# handshake is over (see ``_Listener.on_ws_connected``): one shared empty view.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
 
 def use_uvloop() -> bool:
     """Install uvloop's event loop policy when it is available; True if it was."""
@@ -74,10 +78,10 @@ def _close_code(value: Any) -> int:
 
 
 class _Listener(picows.WSListener):  # type: ignore[misc]
-    """Feeds one picows connection into a :class:`ServerConnection`."""
+    """Feeds one picows connection into a :class:`ServerConnection`, and is its control seam."""
 
     # One per connection for its whole life: slots instead of a __dict__.
-    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary")
+    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary", "transport")
 
     def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any) -> None:
         super().__init__()
@@ -87,12 +91,23 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
+        self.transport: Optional[picows.WSTransport] = None
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
+        self.transport = transport
+        # picows keeps the upgrade request and the 101 response, headers and
+        # all, for the connection's life (~2 KiB with a browser's headers).
+        # Both are done with: the response is sent, and ``authenticate`` got
+        # the request headers in an UpgradeRequest of its own.
+        request, response = transport.request, transport.response
+        if request is not None:
+            request.headers, request.path = _NO_HEADERS, b""
+        if response is not None:
+            response.headers = _NO_HEADERS
         connection = ServerConnection(
             server._hub,
-            _Control(transport),
+            self,
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
@@ -161,14 +176,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
 
-
-class _Control:
-    """The control seam of :class:`ServerConnection` over a picows transport."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: picows.WSTransport) -> None:
-        self.transport = transport
+    # the control seam of ServerConnection
 
     def send_close(self, code: int, reason: bytes) -> None:
         self.transport.send_close(code, reason)
