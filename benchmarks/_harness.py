@@ -216,6 +216,7 @@ class SafeFastServer(BenchServer):
         self._ShareData = ShareData
         self.manager = ShareDataManager()
         self.manager.add_share_data(ShareData(SHARE_DATA_ID, current_state=make_state(0)))
+        backlog = os.environ.get("BENCH_BACKLOG")
         self.server = await attach_realtime_server(
             manager=self.manager,
             authenticate=lambda request: True,
@@ -223,6 +224,8 @@ class SafeFastServer(BenchServer):
             port=0,
             path=WS_PATH,
             heartbeat_interval=None,
+            # BENCH_BACKLOG: a what-if listen backlog (connect_storm.py's "backlog 100" variant).
+            backlog=int(backlog) if backlog else None,
             # The open-loop driver queues up to m frames per subscriber faster
             # than a reader may drain them; the default 1 MiB cap would close
             # slow readers with 4001 and the run would not verify.
@@ -736,7 +739,11 @@ class _Counter(asyncio.BufferedProtocol):
 async def generator_main(host: str, bufsize: int) -> None:
     """Obey stdin commands, one answer line each (``GOT`` comes when the round ends):
 
-    ``connect port n concurrency timeout`` -> ``CONNECTED ok failed seconds``;
+    ``connect port n concurrency timeout [answer_timeout]`` -> ``CONNECTED ok failed seconds t_end p50 p99``
+    (``t_end``: monotonic time the last one got its answer; p50/p99: seconds
+    from the command to a connection's answer, over those that got one; a
+    connection not answered ``answer_timeout`` s (default 10) after its TCP
+    connect is tried again, up to three times in all);
     ``expect m timeout [lowat_frames frame_size [port]]`` -> ``ARMED``, later
     ``GOT total min max t_last cpu bytes`` over the connections to ``port``
     (all if 0) (``t_last``: monotonic time the last one reached m frames);
@@ -748,7 +755,7 @@ async def generator_main(host: str, bufsize: int) -> None:
     reader = await _stdin_reader()
     round_task: Optional[asyncio.Task[None]] = None
 
-    async def open_one(port: int) -> Optional[_Counter]:
+    async def open_one(port: int, answer_timeout: float = 10.0) -> Optional[_Counter]:
         key = base64.b64encode(os.urandom(16))
         request = (
             f"GET {WS_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
@@ -766,7 +773,7 @@ async def generator_main(host: str, bufsize: int) -> None:
             try:
                 await loop.create_connection(factory, host, port)
                 assert proto is not None
-                await asyncio.wait_for(asyncio.shield(proto.ready), 10)
+                await asyncio.wait_for(asyncio.shield(proto.ready), answer_timeout)
                 return proto
             except Exception as exc:
                 if proto is not None and proto.transport is not None:
@@ -777,18 +784,20 @@ async def generator_main(host: str, bufsize: int) -> None:
         sys.stderr.write(f"generator: connection failed: {last!r}\n")
         return None
 
-    async def connect(port: int, n: int, concurrency: int, timeout: float) -> None:
+    async def connect(port: int, n: int, concurrency: int, timeout: float, answer_timeout: float = 10.0) -> None:
         t0 = time.monotonic()
         sem = asyncio.Semaphore(concurrency)
         ok = failed = 0
+        answered: list[float] = []
 
         async def one() -> None:
             nonlocal ok, failed
             async with sem:
-                proto = await open_one(port)
+                proto = await open_one(port, answer_timeout)
             if proto is None:
                 failed += 1
             else:
+                answered.append(time.monotonic())
                 gen.conns.append(proto)
                 ok += 1
 
@@ -799,7 +808,13 @@ async def generator_main(host: str, bufsize: int) -> None:
             for t in tasks:
                 t.cancel()
             failed = n - ok
-        _out("CONNECTED", ok, failed, repr(time.monotonic() - t0))
+        answered.sort()
+        t_end = answered[-1] if answered else time.monotonic()
+
+        def quantile(q: float) -> float:
+            return answered[min(len(answered) - 1, int(q * len(answered)))] - t0 if answered else float("nan")
+
+        _out("CONNECTED", ok, failed, repr(time.monotonic() - t0), repr(t_end), repr(quantile(0.5)), repr(quantile(0.99)))
 
     async def expect(m: int, timeout: float, lowat_frames: int, frame_size: int, port: int) -> None:
         cpu0 = time.process_time()
@@ -860,7 +875,7 @@ async def generator_main(host: str, bufsize: int) -> None:
             if not cmd:
                 continue
             if cmd[0] == "connect":
-                await connect(int(cmd[1]), int(cmd[2]), int(cmd[3]), float(cmd[4]))
+                await connect(int(cmd[1]), int(cmd[2]), int(cmd[3]), float(cmd[4]), *(float(x) for x in cmd[5:6]))
             elif cmd[0] == "expect":
                 if round_task is not None and not round_task.done():
                     round_task.cancel()
@@ -928,7 +943,10 @@ class Child:
         self.errfile = errfile
 
     @classmethod
-    async def start(cls, name: str, args: list[str], env: Optional[dict[str, str]] = None) -> "Child":
+    async def start(
+        cls, name: str, args: list[str], env: Optional[dict[str, str]] = None, command: Optional[list[str]] = None
+    ) -> "Child":
+        """Start ``python _harness.py *args`` (or ``command + args``: another program speaking the same lines)."""
         errfile = tempfile.TemporaryFile()
         full_env = dict(os.environ if env is None else env)
         # Children import safe_fast from where this process did: the checkout's
@@ -948,8 +966,7 @@ class Child:
                 parts.insert(0, str(origin))
             full_env["PYTHONPATH"] = os.pathsep.join(parts)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(HARNESS),
+            *(command or [sys.executable, str(HARNESS)]),
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
