@@ -216,7 +216,9 @@ class SafeFastServer(BenchServer):
         self._ShareData = ShareData
         self.manager = ShareDataManager()
         self.manager.add_share_data(ShareData(SHARE_DATA_ID, current_state=make_state(0)))
+        # BENCH_BACKLOG: a what-if listen backlog (connect_storm.py's "backlog 100" variant).
         backlog = os.environ.get("BENCH_BACKLOG")
+        options: dict[str, Any] = {"backlog": int(backlog)} if backlog else {}
         self.server = await attach_realtime_server(
             manager=self.manager,
             authenticate=lambda request: True,
@@ -224,8 +226,7 @@ class SafeFastServer(BenchServer):
             port=0,
             path=WS_PATH,
             heartbeat_interval=None,
-            # BENCH_BACKLOG: a what-if listen backlog (connect_storm.py's "backlog 100" variant).
-            backlog=int(backlog) if backlog else None,
+            **options,
             # The open-loop driver queues up to m frames per subscriber faster
             # than a reader may drain them; the default 1 MiB cap would close
             # slow readers with 4001 and the run would not verify.
@@ -510,6 +511,48 @@ def make_server(kind: str, max_buffered_bytes: int) -> BenchServer:
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
+class _AllocationTracer:
+    """What the server allocated between ``trace-start`` and ``trace-top``: by source line and by type.
+
+    ``trace-top n`` answers ``TOP bytes blocks file:line`` for the n source
+    lines that grew most (tracemalloc; memory allocated by C code shows
+    under the last Python line on the stack, often the event loop's
+    ``run_until_complete``), then ``TYPE name count`` for the n object
+    types (``gc``-tracked objects only) that grew most, then ``TOPEND``.
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: Any = None
+        self.types: Any = None
+
+    def start(self) -> None:
+        import collections
+        import tracemalloc
+
+        gc.collect()
+        self.types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        tracemalloc.start()
+        self.snapshot = tracemalloc.take_snapshot()
+
+    def report(self, n: int) -> None:
+        import collections
+        import tracemalloc
+
+        if self.snapshot is None:
+            _out("ERR", "trace-top before trace-start")
+            return
+        gc.collect()
+        stats = tracemalloc.take_snapshot().compare_to(self.snapshot, "lineno")
+        for stat in stats[:n]:
+            frame = stat.traceback[0]
+            _out("TOP", stat.size_diff, stat.count_diff, f"{frame.filename}:{frame.lineno}".replace(" ", "_"))
+        types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        types.subtract(self.types)
+        for name, count in types.most_common(n):
+            _out("TYPE", name.replace(" ", "_"), count)
+        _out("TOPEND")
+
+
 async def server_main(kind: str, max_buffered_bytes: int) -> None:
     """Serve; obey stdin commands, one answer line each:
 
@@ -520,10 +563,12 @@ async def server_main(kind: str, max_buffered_bytes: int) -> None:
     started — the orchestrator sends it once every frame has arrived, so it
     covers the whole delivery —, current and peak RSS in KiB, and the same
     CPU split into user and kernel time by getrusage); ``rss`` -> ``RSS rss
-    maxrss`` after a full collection; ``quit``. EOF on stdin means quit.
+    maxrss`` after a full collection; ``trace-start`` / ``trace-top n`` (see
+    :class:`_AllocationTracer`); ``quit``. EOF on stdin means quit.
     """
     raise_nofile()
     server = make_server(kind, max_buffered_bytes)
+    tracer = _AllocationTracer()
     port = await server.start()
     _out("READY", port, server.info.replace(" ", "_") or "-")
     reader = await _stdin_reader()
@@ -556,6 +601,11 @@ async def server_main(kind: str, max_buffered_bytes: int) -> None:
             elif cmd[0] == "rss":
                 gc.collect()
                 _out("RSS", rss_kib(), maxrss_kib())
+            elif cmd[0] == "trace-start":
+                tracer.start()
+                _out("TRACING")
+            elif cmd[0] == "trace-top":
+                tracer.report(int(cmd[1]))
             elif cmd[0] == "quit":
                 break
             else:
@@ -1009,6 +1059,28 @@ class Child:
             if fields and fields[0] == "ERR":
                 raise ChildError(f"{self.name}: {' '.join(fields)}")
 
+    async def lines_until(self, end_tag: str, timeout: float) -> list[list[str]]:
+        """Every line (as fields) up to the one starting with ``end_tag`` (a bounded wait)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        lines: list[list[str]] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildError(f"{self.name}: no {end_tag} within {timeout:.0f}s\n{self.stderr_tail()}")
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            except asyncio.TimeoutError:
+                continue
+            if not line:
+                raise ChildError(f"{self.name}: exited waiting for {end_tag}\n{self.stderr_tail()}")
+            fields = line.decode().split()
+            if fields and fields[0] == end_tag:
+                return lines
+            if fields and fields[0] == "ERR":
+                raise ChildError(f"{self.name}: {' '.join(fields)}")
+            lines.append(fields)
+
     async def ask(self, line: str, tag: str, timeout: float = 30) -> list[str]:
         await self.send(line)
         return await self.expect(tag, timeout)
@@ -1045,6 +1117,50 @@ class Child:
                     self.proc.kill()
                 except ProcessLookupError:
                     pass
+
+
+# -- Node's ws, a peer server of some comparisons -------------------------------------
+
+NODE_CACHE = Path(os.environ.get("BENCH_NODE_CACHE", str(Path.home() / ".cache" / "safe_fast-bench" / "node")))
+NODE_SERVER = Path(__file__).resolve().parent / "node_ws_server.js"
+WS_SPEC = "ws@8"
+
+
+def ensure_node_ws() -> Optional[str]:
+    """NODE_PATH for an installed ``ws`` (npm installs it into NODE_CACHE on first use), or None without node/npm.
+
+    Never into the repository: the cache is ``~/.cache/safe_fast-bench/node``
+    unless ``BENCH_NODE_CACHE`` says otherwise.
+    """
+    import shutil
+    import subprocess
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return None
+    modules = NODE_CACHE / "node_modules"
+    if not (modules / "ws" / "package.json").exists():
+        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"# installing {WS_SPEC} into {NODE_CACHE}", file=sys.stderr)
+        subprocess.run(
+            [npm, "install", "--prefix", str(NODE_CACHE), "--no-audit", "--no-fund", "--silent", WS_SPEC],
+            check=True,
+            timeout=300,
+        )
+    return str(modules)
+
+
+async def start_server(name: str, kind: str, env: dict[str, str]) -> Child:
+    """A server child of ``kind``: one of :func:`make_server`'s, or ``node`` (``node_ws_server.js``)."""
+    if kind != "node":
+        return await Child.start(name, ["server", kind], env)
+    import shutil
+
+    node_path = ensure_node_ws()
+    if node_path is None:
+        raise ChildError("node or npm not found")
+    env = {**env, "NODE_PATH": node_path}
+    return await Child.start(name, ["--expose-gc", str(NODE_SERVER)], env, command=[shutil.which("node") or "node"])
 
 
 def pin_from_env() -> None:

@@ -35,23 +35,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as h  # noqa: E402
 from fanout_e2e import machine, split  # noqa: E402
-
-NODE_CACHE = Path(os.environ.get("BENCH_NODE_CACHE", str(Path.home() / ".cache" / "safe_fast-bench" / "node")))
-NODE_SERVER = Path(__file__).resolve().parent / "node_ws_server.js"
-WS_SPEC = "ws@8"
-
 
 @dataclass(frozen=True)
 class StormServer:
@@ -71,23 +63,6 @@ SERVERS = [
 BY_SHORT = {s.short: s for s in SERVERS}
 
 
-def ensure_node_ws() -> Optional[str]:
-    """NODE_PATH for an installed ``ws`` (installed into the cache on first use), or None without node/npm."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        return None
-    modules = NODE_CACHE / "node_modules"
-    if not (modules / "ws" / "package.json").exists():
-        NODE_CACHE.mkdir(parents=True, exist_ok=True)
-        print(f"# installing {WS_SPEC} into {NODE_CACHE}", file=sys.stderr)
-        subprocess.run(
-            [npm, "install", "--prefix", str(NODE_CACHE), "--no-audit", "--no-fund", "--silent", WS_SPEC],
-            check=True,
-            timeout=300,
-        )
-    return str(modules)
-
-
 def listen_overflows() -> int:
     """The kernel's TcpExt ListenOverflows counter (system-wide), or -1 where unknown."""
     try:
@@ -102,7 +77,7 @@ def listen_overflows() -> int:
     return -1
 
 
-async def storm(spec: StormServer, args: argparse.Namespace, node_path: Optional[str]) -> dict[str, object]:
+async def storm(spec: StormServer, args: argparse.Namespace) -> dict[str, object]:
     env = dict(os.environ)
     for key, value in spec.env.items():
         if value is None:
@@ -111,11 +86,7 @@ async def storm(spec: StormServer, args: argparse.Namespace, node_path: Optional
             env[key] = value
     result: dict[str, object] = {"server": spec.name}
     gens: list[h.Child] = []
-    if spec.kind == "node":
-        env["NODE_PATH"] = node_path or ""
-        server = await h.Child.start(spec.name, [str(NODE_SERVER)], env, command=[shutil.which("node") or "node"])
-    else:
-        server = await h.Child.start(spec.name, ["server", spec.kind], env)
+    server = await h.start_server(spec.name, spec.kind, env)
     try:
         for i in range(args.client_processes):
             gens.append(await h.Child.start(f"client-{i}", ["generator", "127.0.0.1", "4096"]))
@@ -164,10 +135,8 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"RLIMIT_NOFILE {soft} is too low for {args.clients} connections (the server holds all of them)", file=sys.stderr)
         return 2
     specs = [BY_SHORT[s] for s in args.servers]
-    node_path = None
     if any(s.kind == "node" for s in specs):
-        node_path = ensure_node_ws()
-        if node_path is None:
+        if h.ensure_node_ws() is None:
             print("# node or npm not found: Node ws skipped", file=sys.stderr)
             specs = [s for s in specs if s.kind != "node"]
     print(f"# connect_storm — {machine()}; RLIMIT_NOFILE {soft}/{hard}", file=sys.stderr)
@@ -176,7 +145,7 @@ async def amain(args: argparse.Namespace) -> int:
     for rep in range(args.repeat):
         order = specs[rep % len(specs) :] + specs[: rep % len(specs)]  # who goes first rotates
         for spec in order:
-            r = await storm(spec, args, node_path)
+            r = await storm(spec, args)
             r["rep"] = rep
             runs[spec.name].append(r)
             stamp = f"[{time.monotonic() - started:4.0f}s] rep {rep + 1} {spec.name}"

@@ -1,6 +1,6 @@
 // The Node `ws` server of connect_storm.py, speaking _harness.py's server lines.
 //
-//   node node_ws_server.js            (NODE_PATH must reach an installed `ws`)
+//   node --expose-gc node_ws_server.js      (NODE_PATH must reach an installed `ws`)
 //
 // Listens on 127.0.0.1 (ephemeral port) with Node's and ws' defaults (listen
 // backlog 511, no compression), answers each connection's first message (the
@@ -41,6 +41,7 @@ lines.on("line", (line) => {
   if (cmd === "subs") {
     process.stdout.write(`SUBS ${subscribers}\n`);
   } else if (cmd === "rss") {
+    if (global.gc) global.gc(); // with --expose-gc, as the Python servers collect first
     const usage = process.resourceUsage();
     process.stdout.write(`RSS ${Math.round(process.memoryUsage().rss / 1024)} ${usage.maxRSS}\n`);
   } else if (cmd === "quit") {
