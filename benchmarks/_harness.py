@@ -127,6 +127,17 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 # -- process helpers ------------------------------------------------------------------
 
 
+def child_env(overrides: dict[str, Optional[str]]) -> dict[str, str]:
+    """This process's environment with ``overrides`` applied (None removes a variable)."""
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def raise_nofile() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1041,8 +1052,14 @@ class Child:
 
     async def expect(self, tag: str, timeout: float) -> list[str]:
         """The fields of the next line starting with ``tag`` (a bounded wait)."""
+        return (await self.lines_until(tag, timeout, keep=False))[-1]
+
+    async def lines_until(self, tag: str, timeout: float, *, keep: bool = True) -> list[list[str]]:
+        """Every line (as fields) before the next one starting with ``tag``, then that one's
+        fields after the tag (a bounded wait; ``keep=False`` drops the lines before)."""
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
+        lines: list[list[str]] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -1055,31 +1072,11 @@ class Child:
                 raise ChildError(f"{self.name}: exited (rc={self.proc.returncode}) waiting for {tag}\n{self.stderr_tail()}")
             fields = line.decode().split()
             if fields and fields[0] == tag:
-                return fields[1:]
+                return lines + [fields[1:]]
             if fields and fields[0] == "ERR":
                 raise ChildError(f"{self.name}: {' '.join(fields)}")
-
-    async def lines_until(self, end_tag: str, timeout: float) -> list[list[str]]:
-        """Every line (as fields) up to the one starting with ``end_tag`` (a bounded wait)."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        lines: list[list[str]] = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChildError(f"{self.name}: no {end_tag} within {timeout:.0f}s\n{self.stderr_tail()}")
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except asyncio.TimeoutError:
-                continue
-            if not line:
-                raise ChildError(f"{self.name}: exited waiting for {end_tag}\n{self.stderr_tail()}")
-            fields = line.decode().split()
-            if fields and fields[0] == end_tag:
-                return lines
-            if fields and fields[0] == "ERR":
-                raise ChildError(f"{self.name}: {' '.join(fields)}")
-            lines.append(fields)
+            if keep:
+                lines.append(fields)
 
     async def ask(self, line: str, tag: str, timeout: float = 30) -> list[str]:
         await self.send(line)

@@ -78,12 +78,7 @@ def listen_overflows() -> int:
 
 
 async def storm(spec: StormServer, args: argparse.Namespace) -> dict[str, object]:
-    env = dict(os.environ)
-    for key, value in spec.env.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = h.child_env(spec.env)
     result: dict[str, object] = {"server": spec.name}
     gens: list[h.Child] = []
     server = await h.start_server(spec.name, spec.kind, env)

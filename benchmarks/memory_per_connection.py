@@ -48,12 +48,7 @@ DEFAULT_CONNECTIONS = 20_000
 
 
 async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]:
-    env = dict(os.environ)
-    for key, value in spec.env.items():  # type: ignore[attr-defined]
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = h.child_env(spec.env)  # type: ignore[attr-defined]
     result: dict[str, object] = {"server": spec.name, "connections": args.connections}  # type: ignore[attr-defined]
     gens: list[h.Child] = []
     server = await h.start_server(spec.name, spec.kind, env)  # type: ignore[attr-defined]
@@ -120,12 +115,7 @@ async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]
 async def breakdown(spec: "object", args: argparse.Namespace) -> None:
     """Print where ``args.breakdown`` connections' memory goes in one server, per connection."""
     n = args.breakdown
-    env = dict(os.environ)
-    for key, value in spec.env.items():  # type: ignore[attr-defined]
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = h.child_env(spec.env)  # type: ignore[attr-defined]
     server = await h.start_server(spec.name, spec.kind, env)  # type: ignore[attr-defined]
     gen: Optional[h.Child] = None
     try:
@@ -140,7 +130,7 @@ async def breakdown(spec: "object", args: argparse.Namespace) -> None:
         ok = int((await gen.expect("CONNECTED", args.timeout + 30))[0])
         await asyncio.sleep(0.5)
         await server.send("trace-top 25")
-        lines = await server.lines_until("TOPEND", 120)
+        lines = (await server.lines_until("TOPEND", 120))[:-1]
         print(f"\n{spec.name}: {ok:,} connections; per connection:")  # type: ignore[attr-defined]
         total = sum(int(f[1]) for f in lines if f[0] == "TOP")
         print(f"  tracemalloc, top 25 lines: {total / ok:,.0f} B")
