@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 
 try:
     import resource
-except ImportError:  # not on Windows
+except ImportError:  # Windows has no resource module
     resource = None  # type: ignore[assignment]
 
 __all__ = ["FALLBACK_BACKLOG", "system_backlog", "resolve_backlog", "AcceptFailureLog"]
@@ -111,7 +111,7 @@ class AcceptFailureLog:
         """Failures seen since the server started."""
         self._unreported = 0
         self._last_error = 0
-        self._window_end = -1.0
+        self._window_end = float("-inf")
         self._flush: Optional[asyncio.TimerHandle] = None
         self._listen_fd = -1
         self._previous_handler: Any = None
