@@ -359,6 +359,26 @@ _AUTHENTICATING, _OPEN, _CLOSING, _CLOSED = range(4)
 class ServerConnection(core.Outbox):
     """One client connection: protocol decisions plus its coalescing outbox."""
 
+    # One per client for its whole life: slots instead of a __dict__ (~0.3 KiB
+    # less per idle connection). An attribute a method sets must be listed here.
+    __slots__ = (
+        "hub",
+        "control",
+        "id",
+        "context",
+        "subscriptions",
+        "awaiting_pong",
+        "close_code",
+        "close_reason",
+        "_state",
+        "_announced",
+        "_inbox",
+        "_worker",
+        "_timers",
+        "_reading_paused",
+        "_held_ping",
+    )
+
     def __init__(
         self,
         hub: ServerHub,
