@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -25,10 +26,12 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio", reason="the redis extra (redis-py >= 5) is not installed")
 from redis.asyncio.retry import Retry  # noqa: E402
-from redis.backoff import NoBackoff  # noqa: E402
+from redis.backoff import ExponentialBackoff, NoBackoff  # noqa: E402
+from redis.exceptions import TimeoutError as RedisTimeoutError  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from safe_fast import (  # noqa: E402
+    ReplayTimeoutEvent,
     ShareData,
     ShareDataManager,
     ShareFunction,
@@ -107,7 +110,17 @@ class RedisProcess:
             self.stop()
         raise RuntimeError(f"redis-server did not come up; see the logs in {self.workdir}")
 
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing is answered (a hung Redis)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process would only act on SIGTERM once continued
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -793,7 +806,9 @@ async def test_registry_survives_a_redis_restart(
     client = make_client(own_redis_server, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1.0)
     registries.clients.append(client)  # type: ignore[attr-defined]
     errors = Errors()
-    registry = registries(client, on_error=errors, reconnect_min_delay=0.01, reconnect_max_delay=0.2)
+    registry = registries(
+        client, on_error=errors, reconnect_min_delay=0.01, reconnect_max_delay=0.2, retry=Retry(NoBackoff(), 0)
+    )
     sink = Sink()
     registry.subscribe("doc", sink)
     registry.broadcast("doc", tx("doc", "1", 1))
@@ -1025,3 +1040,145 @@ async def test_two_nodes_share_live_fanout_and_the_replay_window(redis_server: R
             await asyncio.wait_for(registry.close(), DEADLINE)
         for client in (client_a, client_b, plain):
             await client.aclose()
+
+
+# == Redis away: bounded waits, reported attempts ============================================
+
+
+async def test_a_since_subscribe_gets_state_then_resync_while_redis_is_stopped(
+    own_redis_server: RedisProcess,
+) -> None:
+    # The client as most users build it: redis-py's default retries (a
+    # command against a dead Redis can take seconds) and no socket timeout.
+    client = make_client(own_redis_server)
+    manager = ShareDataManager()
+    manager.add_share_data(make_doc())
+    inc = manager.get_share_data_by_id("doc").functions[0]  # type: ignore[union-attr]
+    store = RedisReplayStore(client)
+    timeouts: list[ReplayTimeoutEvent] = []
+    server = await attach_realtime_server(
+        manager=manager,
+        authenticate=lambda request: {"subject": "test"},
+        replay_store=store,
+        heartbeat_interval=None,
+        replay_timeout=0.3,
+    )
+    server.on("replay:timeout", timeouts.append)
+    try:
+        for i in (1, 2, 3):
+            await manager.apply_transaction("doc", {"count": i}, inc)
+
+        async def recorded() -> bool:
+            return len(await store.entries("doc")) == 3
+
+        await eventually(recorded, "3 transactions in the Redis window")
+        async with ws(server.url) as conn:
+            own_redis_server.pause()
+            try:
+                # The window read hangs: the answer comes anyway, while Redis is still stopped.
+                await send(conn, type="subscribe", shareDataId="doc", since="1")
+                assert await recv(conn) == {
+                    "v": 1, "type": "state", "shareDataId": "doc",
+                    "currentState": {"count": 3}, "lastTransactionId": "3",
+                }  # fmt: skip
+                assert await recv(conn) == {
+                    "v": 1, "type": "error", "code": "replay-cursor-not-found",
+                    "message": "since=1 not present in retained replay window; skipping replay",
+                }  # fmt: skip
+                # A transaction whose record() hangs: the replay waits for it, bounded too.
+                await manager.apply_transaction("doc", {"count": 4}, inc)
+                assert (await recv(conn))["transactionId"] == "4"
+                await send(conn, type="subscribe", shareDataId="doc", since="2")
+                assert [(m["type"], m.get("lastTransactionId"), m.get("code")) for m in await until_pong(conn, "p1")] == [
+                    ("state", "4", None),
+                    ("error", None, "replay-cursor-not-found"),
+                ]
+                assert [(t.connection_id, t.share_data_id, t.since, t.timeout) for t in timeouts] == [
+                    (server.connections[0].id, "doc", "1", 0.3),
+                    (server.connections[0].id, "doc", "2", 0.3),
+                ]
+            finally:
+                own_redis_server.resume()
+
+            # Redis is back: the held write lands and replays work again.
+            async def four_recorded() -> bool:
+                return len(await store.entries("doc")) == 4
+
+            await eventually(four_recorded, "the held record landed")
+            await send(conn, type="subscribe", shareDataId="doc", since="2")
+            assert [(m["type"], m.get("transactionId")) for m in await until_pong(conn, "p2")] == [
+                ("state", None),
+                ("transaction", "3"),
+                ("transaction", "4"),
+            ]
+            assert len(timeouts) == 2
+    finally:
+        await asyncio.wait_for(server.close(), DEADLINE)
+        await client.aclose()
+
+
+async def test_replay_timeout_option_is_validated() -> None:
+    manager = ShareDataManager()
+    for bad in (0, -1, True, "1", None):
+        with pytest.raises(ValueError, match="replay_timeout"):
+            await attach_realtime_server(
+                manager=manager, authenticate=lambda request: True, replay_timeout=bad  # type: ignore[arg-type]
+            )
+
+
+async def test_on_error_reports_each_failed_publish_attempt_while_redis_is_down(
+    own_redis_server: RedisProcess, registries: RegistryFactory
+) -> None:
+    client = make_client(own_redis_server, retry=Retry(NoBackoff(), 0), socket_connect_timeout=0.5)
+    registries.clients.append(client)  # type: ignore[attr-defined]
+    errors = Errors()
+    registry = registries(client, on_error=errors, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=3))
+    registry.broadcast("doc", tx("doc", "1", 1))
+    await registry.flush()
+    assert errors == []
+
+    own_redis_server.stop()
+    registry.broadcast("doc", tx("doc", "2", 2))
+    await registry.flush()  # every attempt made: 1 + 3 retries, each one reported, then dropped
+    assert len(errors) == 4, errors
+    assert all(isinstance(e, ConnectionError) or "Connect" in type(e).__name__ for e in errors), errors
+    registry.broadcast("doc", tx("doc", "3", 3))
+    await registry.flush()
+    assert len(errors) == 8
+
+
+async def test_a_hung_redis_fails_publish_attempts_instead_of_stalling_them(
+    own_redis_server: RedisProcess, registries: RegistryFactory
+) -> None:
+    client = make_client(own_redis_server)  # redis-py's default retries: bounded by command_timeout
+    registries.clients.append(client)  # type: ignore[attr-defined]
+    errors = Errors()
+    registry = registries(
+        client, on_error=errors, command_timeout=0.2, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2)
+    )
+    registry.broadcast("doc", tx("doc", "1", 1))
+    await registry.flush()
+    own_redis_server.pause()
+    try:
+        registry.broadcast("doc", tx("doc", "2", 2))
+        await registry.flush()  # returns while Redis is still stopped
+        assert [type(e) for e in errors] == [RedisTimeoutError] * 3
+        assert "did not answer PUBLISH within 0.2s" in str(errors[0])
+    finally:
+        own_redis_server.resume()
+    plain = make_client(own_redis_server)
+    try:
+        pubsub = plain.pubsub()
+        await pubsub.subscribe(registry.channel_prefix + "doc")
+        await asyncio.wait_for(pubsub.get_message(timeout=DEADLINE), DEADLINE)  # the confirmation
+
+        async def delivered() -> bool:
+            registry.broadcast("doc", tx("doc", "4", 4))
+            await registry.flush()
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            return message is not None
+
+        await eventually(delivered, "publishing works again once Redis answers")
+        await pubsub.aclose()
+    finally:
+        await plain.aclose()

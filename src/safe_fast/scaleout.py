@@ -54,7 +54,7 @@ import logging
 import re
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import orjson
 
@@ -296,7 +296,13 @@ class RedisChannelRegistry:
     Redis cannot eat the memory); ``reconnect_min_delay`` /
     ``reconnect_max_delay`` bound the pub/sub reconnection backoff (doubling
     from min to max); ``confirm_timeout`` bounds how long the command queue
-    waits for Redis to confirm a SUBSCRIBE/UNSUBSCRIBE.
+    waits for Redis to confirm a SUBSCRIBE/UNSUBSCRIBE; ``command_timeout``
+    bounds one attempt of a Redis command (a Redis that stopped answering
+    fails it instead of stalling the queue); ``retry`` (a
+    ``redis.asyncio.retry.Retry``; default: 2 retries, exponential backoff
+    from ``reconnect_min_delay`` to ``reconnect_max_delay``) is how often a
+    failed PUBLISH is attempted again before its frames are dropped. Every
+    failed attempt is reported to ``on_error``.
 
     Use it from inside the event loop (its tasks start on first use) and
     ``await registry.close()`` when done.
@@ -312,6 +318,8 @@ class RedisChannelRegistry:
         reconnect_min_delay: float = 0.05,
         reconnect_max_delay: float = 2.0,
         confirm_timeout: float = 5.0,
+        command_timeout: float = 1.0,
+        retry: Any = None,
     ) -> None:
         if not isinstance(channel_prefix, str):
             raise TypeError("channel_prefix must be a string")
@@ -323,6 +331,17 @@ class RedisChannelRegistry:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if not confirm_timeout > 0:
             raise ValueError("confirm_timeout must be > 0")
+        if not command_timeout > 0:
+            raise ValueError("command_timeout must be > 0")
+        # redis-py is the caller's (the ``redis`` extra): imported only when a registry is made.
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        if retry is None:
+            retry = Retry(ExponentialBackoff(cap=reconnect_max_delay, base=reconnect_min_delay), retries=2)
+        elif not callable(getattr(retry, "call_with_retry", None)):
+            raise TypeError("retry must be a redis.asyncio.retry.Retry")
         self.redis = redis_client
         self.channel_prefix = channel_prefix
         self.on_error: Callable[[BaseException], Any] = on_error if on_error is not None else _log_error
@@ -330,6 +349,9 @@ class RedisChannelRegistry:
         self.reconnect_min_delay = reconnect_min_delay
         self.reconnect_max_delay = reconnect_max_delay
         self.confirm_timeout = confirm_timeout
+        self.command_timeout = command_timeout
+        self.retry = retry
+        self._timeout_error = RedisTimeoutError
 
         # Local subscribers, as in InMemoryChannelRegistry; each maps to the
         # count of this node's PUBLISHes when it subscribed.
@@ -545,7 +567,8 @@ class RedisChannelRegistry:
                     while ops and ops[0][0] == _PUBLISH and len(batch) < _MAX_PIPELINE:
                         batch.append(ops.popleft())
                     self._pending_publishes -= len(batch)
-                    await self._publish(batch)
+                    if not await self._publish(batch):
+                        self._no_echo(batch)
                 elif kind == _BARRIER:
                     if not op[1].done():
                         op[1].set_result(None)
@@ -558,8 +581,6 @@ class RedisChannelRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if kind == _PUBLISH:
-                    self._no_echo(batch)
                 self._report(exc)
 
     def _no_echo(self, batch: list[tuple[Any, ...]]) -> None:
@@ -572,15 +593,41 @@ class RedisChannelRegistry:
                         del echoes[index]
                         break
 
-    async def _publish(self, batch: list[tuple[Any, ...]]) -> None:
-        if len(batch) == 1:
-            _, channel, payload = batch[0]
-            await self.redis.publish(channel, payload)
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for _, channel, payload in batch:
-            pipe.publish(channel, payload)
-        await pipe.execute()
+    async def _bounded(self, command: Awaitable[Any], what: str) -> Any:
+        """One attempt of a Redis command, failed after ``command_timeout``."""
+        try:
+            return await asyncio.wait_for(command, self.command_timeout)
+        except asyncio.TimeoutError:
+            raise self._timeout_error(f"Redis did not answer {what} within {self.command_timeout}s") from None
+
+    async def _publish(self, batch: list[tuple[Any, ...]]) -> bool:
+        """PUBLISH ``batch`` with the retry policy; False once every attempt failed (each reported)."""
+
+        def attempt() -> Awaitable[Any]:
+            if len(batch) == 1:
+                _, channel, payload = batch[0]
+                return self._bounded(self.redis.publish(channel, payload), "PUBLISH")
+            pipe = self.redis.pipeline(transaction=False)
+            for _, channel, payload in batch:
+                pipe.publish(channel, payload)
+            return self._bounded(pipe.execute(), f"{len(batch)} PUBLISHes")
+
+        reported: Optional[BaseException] = None
+
+        async def failed(error: BaseException) -> None:
+            nonlocal reported
+            reported = error
+            self._report(error)
+
+        try:
+            await self.retry.call_with_retry(attempt, failed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if exc is not reported:  # not one the policy retries: reported here
+                self._report(exc)
+            return False
+        return True
 
     async def _pubsub_command(self, kind: int, channels: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -603,9 +650,9 @@ class RedisChannelRegistry:
                 waiting.append(((kind, channel), confirmed))
             try:
                 if kind == _SUBSCRIBE:
-                    await pubsub.subscribe(*channels)
+                    await self._bounded(pubsub.subscribe(*channels), "SUBSCRIBE")
                 else:
-                    await pubsub.unsubscribe(*channels)
+                    await self._bounded(pubsub.unsubscribe(*channels), "UNSUBSCRIBE")
             except BaseException:
                 for key, confirmed in waiting:
                     self._forget_confirmation(key, confirmed)
@@ -699,7 +746,7 @@ class RedisChannelRegistry:
             if wanted:
                 pubsub = self.redis.pubsub()
                 try:
-                    await pubsub.subscribe(*wanted)
+                    await self._bounded(pubsub.subscribe(*wanted), "SUBSCRIBE")
                 except asyncio.CancelledError:
                     await self._close_pubsub(pubsub)
                     raise

@@ -31,6 +31,7 @@ from .connection import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
 )
@@ -201,6 +202,7 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
     ) -> None:
         self.manager = manager
         self.authenticate = authenticate
@@ -222,6 +224,7 @@ class RealtimeServer:
             authorize_propose=authorize_propose,
             max_buffered_bytes=max_buffered_bytes,
             close_timeout=close_timeout,
+            replay_timeout=replay_timeout,
             events=self._events,
         )
         self._server: Optional[asyncio.AbstractServer] = None
@@ -246,7 +249,7 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed|timeout``."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -450,6 +453,7 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -461,7 +465,9 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped.
+    to answer the close handshake before it is dropped. ``replay_timeout``
+    bounds how long a ``subscribe`` with ``since`` waits for the replay store
+    before it answers ``state`` and ``replay-cursor-not-found``.
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -472,6 +478,8 @@ async def attach_realtime_server(
             raise ValueError(f"{name} must be a positive int")
     if heartbeat_interval is not None and not heartbeat_interval > 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    if isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float)) or not replay_timeout > 0:
+        raise ValueError("replay_timeout must be a positive number of seconds")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -486,6 +494,7 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        replay_timeout=replay_timeout,
     )
     await server._start(host, port, sock)
     return server
