@@ -20,6 +20,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
 
 import pytest
@@ -596,7 +597,7 @@ async def test_broadcast_publishes_even_without_local_subscribers(
         await pubsub.aclose()
 
 
-async def test_local_delivery_is_one_path_exactly_once_in_order(
+async def test_local_delivery_is_at_once_and_the_echo_is_dropped(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:
     errors = Errors()
@@ -604,19 +605,20 @@ async def test_local_delivery_is_one_path_exactly_once_in_order(
     a, b = Sink(), Sink()
     registry.subscribe("doc", a)
     registry.subscribe("doc", b)
-    assert a.payloads == []  # nothing is delivered inline
-    # Queued after the SUBSCRIBE, which is confirmed first: these come back.
-    frames = [tx("doc", str(i), i) for i in range(1, 301)]
+    frames = [tx("doc", str(i), i) for i in range(1, 301)] + [LifecycleFrame("doc", "updated", {"count": 0})]
+    frames += [tx("doc", "1", 1)]  # a replaced ShareData counts from 1 again
     for frame in frames:
         registry.broadcast("doc", frame)
-    assert a.payloads == []
-    await registry.flush()  # every PUBLISH acknowledged: Redis has routed them all
-    # A marker that can only arrive through Redis, after all of them: whatever
-    # this node delivers for its own broadcasts is in front of it.
-    marker = await publish_marker(redis_client, prefix)
-    expected = [encode_message(frame) for frame in frames] + [marker]
+    expected = [encode_message(frame) for frame in frames]
+    # Delivered before Redis saw any of them (the SUBSCRIBE itself is still under way).
     for sink in (a, b):
-        assert await sink.wait_for_count(301) == expected
+        assert await sink.wait_for_count(302) == expected
+    await registry.flush()  # every PUBLISH acknowledged: Redis has routed the echoes
+    # A marker that can only arrive through Redis, after all of them: the
+    # echoes in front of it were dropped.
+    marker = await publish_marker(redis_client, prefix)
+    for sink in (a, b):
+        assert await sink.wait_for_count(303) == expected + [marker]
     # One encoded frame, the compact JSON, no re-encoding.
     assert bytes(a.recorder.data).startswith(core.encode_frame(expected[0]))
     assert errors == []
@@ -655,10 +657,11 @@ async def test_resubscribing_gets_nothing_published_before_either_subscribe(
     await registry.flush()
     early = [tx("doc", str(i), i) for i in (1, 2)]
     for frame in early:
-        registry.broadcast("doc", frame)
+        registry.broadcast("doc", frame)  # a gets them now
     # The same connection subscribes again (a new snapshot, holding 1 and 2),
     # and another one subscribes right after the channel's last one left,
-    # while the UNSUBSCRIBE is still on its way: neither may get 1 or 2.
+    # while the UNSUBSCRIBE is still on its way: the echoes of 1 and 2 reach
+    # neither.
     registry.subscribe("doc", a)
     b = Sink()
     registry.unsubscribe("doc", a)
@@ -668,7 +671,7 @@ async def test_resubscribing_gets_nothing_published_before_either_subscribe(
     registry.broadcast("doc", late)
     await registry.flush()
     marker = await publish_marker(redis_client, prefix)
-    assert await a.wait_for_count(2) == [encode_message(late), marker]
+    assert await a.wait_for_count(4) == [encode_message(f) for f in early + [late]] + [marker]
     assert await b.wait_for_count(2) == [encode_message(late), marker]
     assert errors == []
 
@@ -684,17 +687,56 @@ async def test_two_registries_deliver_across_nodes(
     node_b.subscribe("doc", on_b)
     node_b.subscribe("elsewhere", idle)
     await node_b.flush()
+    # One sequence of ids across the nodes, as a shared store hands them out.
     for i in range(1, 4):
         node_a.broadcast("doc", tx("doc", str(i), i))
+    await on_b.wait_for_count(3)
     node_b.broadcast("doc", tx("doc", "4", 4))
-    await node_a.flush()
-    expected_a = [encode_message(tx("doc", str(i), i)) for i in (1, 2, 3)]
+    expected = [encode_message(tx("doc", str(i), i)) for i in range(1, 5)]
     for sink in (on_a, on_b):
-        got = await sink.wait_for_count(4)
-        # Each node's own publishes stay in order; the two nodes interleave.
-        assert [p for p in got if p in expected_a] == expected_a
-        assert sorted(got) == sorted(expected_a + [encode_message(tx("doc", "4", 4))])
+        assert await sink.wait_for_count(4) == expected
+    # Exactly once: a marker through Redis comes right after them.
+    await node_a.flush()
+    await node_b.flush()
+    marker = await publish_marker(clients[0], node_a.channel_prefix)
+    for sink in (on_a, on_b):
+        assert await sink.wait_for_count(5) == expected + [marker]
     assert idle.payloads == []
+
+
+async def test_frames_from_redis_reach_a_subscriber_at_most_once_in_order_and_after_its_snapshot(
+    registries: RegistryFactory, redis_client: Any, prefix: str
+) -> None:
+    errors = Errors()
+    registry = registries(on_error=errors)
+    manager = ShareDataManager()  # this node's manager, where a subscriber's snapshot comes from
+    manager.add_share_data(make_doc())
+    inc = manager.get_share_data_by_id("doc").functions[0]  # type: ignore[union-attr]
+    early, late = Sink(), Sink()
+    late.hub = SimpleNamespace(manager=manager)  # as a server connection has
+    registry.subscribe("doc", early)
+    await registry.flush()
+    channel = f"{prefix}doc"
+
+    async def publish(*ids: str) -> None:
+        for transaction_id in ids:
+            await redis_client.publish(channel, encode_message(tx("doc", transaction_id, int(transaction_id))))
+
+    # Another node's 1 and 2; 2 again (a retried PUBLISH); 1 late (overtaken).
+    await publish("1", "2", "2", "1")
+    marker = await publish_marker(redis_client, prefix)
+    assert await early.wait_for_count(3) == [encode_message(tx("doc", i, int(i))) for i in ("1", "2")] + [marker]
+    # A subscriber whose snapshot already holds 4 (with a shared store, the
+    # snapshot may be ahead of what Redis delivered): 3 and 4 skip it only.
+    for i in range(1, 5):
+        await manager.apply_transaction("doc", {"count": i}, inc)
+    registry.subscribe("doc", late)
+    await publish("3", "4", "5")
+    marker2 = await publish_marker(redis_client, prefix)
+    newer = [encode_message(tx("doc", i, int(i))) for i in ("3", "4", "5")]
+    assert (await early.wait_for_count(7))[3:] == newer + [marker2]
+    assert await late.wait_for_count(2) == [encode_message(tx("doc", "5", 5)), marker2]
+    assert errors == []
 
 
 async def test_foreign_typescript_payload_reaches_local_subscribers(
@@ -795,8 +837,8 @@ async def test_reader_resubscribes_after_its_connection_is_killed(
         return [n for _, n in numsub] == [1, 1]
 
     await eventually(resubscribed, "the registry subscribed its channels again")
-    registry.broadcast("doc", tx("doc", "1", 1))
-    assert await sink.wait_for_count(1) == [encode_message(tx("doc", "1", 1))]
+    marker = await publish_marker(redis_client, prefix)
+    assert await sink.wait_for_count(1) == [marker]
 
 
 async def test_registry_survives_a_redis_restart(
@@ -816,7 +858,7 @@ async def test_registry_survives_a_redis_restart(
 
     port = own_redis_server.port
     own_redis_server.stop()
-    registry.broadcast("doc", tx("doc", "lost", 0))  # at-most-once: this one is gone
+    registry.broadcast("doc", tx("doc", "2", 2))  # the local subscriber gets it all the same
     await errors.wait_for(lambda e: len(e) >= 2)  # the reader's and the publish's
 
     own_redis_server.start(port)
@@ -829,10 +871,12 @@ async def test_registry_survives_a_redis_restart(
             ]
 
         await eventually(resubscribed, "the registry resubscribed after the restart", tries=750)
+        registry.broadcast("doc", tx("doc", "3", 3))
+        marker = await publish_marker(plain, registry.channel_prefix)
     finally:
         await plain.aclose()
-    registry.broadcast("doc", tx("doc", "2", 2))
-    assert await sink.wait_for_count(2) == [encode_message(tx("doc", "1", 1)), encode_message(tx("doc", "2", 2))]
+    # Every frame of this node once, in order, then the one through Redis.
+    assert await sink.wait_for_count(4) == [encode_message(tx("doc", str(i), i)) for i in (1, 2, 3)] + [marker]
 
 
 async def test_close_is_bounded_with_redis_down_and_the_backlog_is_capped(registries: RegistryFactory) -> None:
@@ -846,7 +890,7 @@ async def test_close_is_bounded_with_redis_down_and_the_backlog_is_capped(regist
     sink = Sink()
     registry.subscribe("doc", sink)
     for i in range(10):
-        registry.broadcast("doc", tx("doc", str(i), i))  # never blocks
+        registry.broadcast("doc", tx("doc", str(i), i))  # never blocks; delivered here all the same
     backlog = [e for e in errors if isinstance(e, RuntimeError) and "dropping" in str(e)]
     assert len(backlog) == 7
     # The reader keeps retrying with a bounded backoff, reporting each failure.
@@ -856,7 +900,7 @@ async def test_close_is_bounded_with_redis_down_and_the_backlog_is_capped(regist
     registry.broadcast("doc", tx("doc", "after", 0))  # a no-op once closed
     registry.subscribe("doc2", sink)
     await registry.flush()
-    assert sink.payloads == []
+    assert sink.payloads == [encode_message(tx("doc", str(i), i)) for i in range(10)]
 
 
 async def test_close_stops_tasks_and_the_pubsub_connection(
@@ -1089,7 +1133,8 @@ async def test_a_since_subscribe_gets_state_then_resync_while_redis_is_stopped(
                 await manager.apply_transaction("doc", {"count": 4}, inc)
                 assert (await recv(conn))["transactionId"] == "4"
                 await send(conn, type="subscribe", shareDataId="doc", since="2")
-                assert [(m["type"], m.get("lastTransactionId"), m.get("code")) for m in await until_pong(conn, "p1")] == [
+                answer = await until_pong(conn, "p1")
+                assert [(m["type"], m.get("lastTransactionId"), m.get("code")) for m in answer] == [
                     ("state", "4", None),
                     ("error", None, "replay-cursor-not-found"),
                 ]
@@ -1182,3 +1227,61 @@ async def test_a_hung_redis_fails_publish_attempts_instead_of_stalling_them(
         await pubsub.aclose()
     finally:
         await plain.aclose()
+
+
+async def test_local_subscribers_miss_nothing_while_redis_is_stopped_and_restarted(
+    own_redis_server: RedisProcess,
+) -> None:
+    client = make_client(own_redis_server, retry=Retry(NoBackoff(), 0), socket_connect_timeout=0.5)
+    errors = Errors()
+    registry = RedisChannelRegistry(
+        client, on_error=errors, reconnect_min_delay=0.01, reconnect_max_delay=0.2, command_timeout=0.5
+    )
+    manager = ShareDataManager()
+    manager.add_share_data(make_doc())
+    inc = manager.get_share_data_by_id("doc").functions[0]  # type: ignore[union-attr]
+    server = await attach_realtime_server(
+        manager=manager, authenticate=lambda request: {"subject": "test"}, registry=registry, heartbeat_interval=None
+    )
+    total, port = 300, own_redis_server.port
+    try:
+        async with ws(server.url) as first, ws(server.url) as second:
+            for conn in (first, second):
+                await send(conn, type="subscribe", shareDataId="doc")
+                assert (await recv(conn))["type"] == "state"
+
+            async def load() -> None:
+                for i in range(1, total + 1):
+                    if i == 100:
+                        own_redis_server.stop()
+                    elif i == 200:
+                        await asyncio.to_thread(own_redis_server.start, port)
+                    await manager.apply_transaction("doc", {"count": i}, inc)
+                    await asyncio.sleep(0.002)
+
+            producer = asyncio.create_task(load())
+            for conn in (first, second):
+                ids = [(await recv(conn))["transactionId"] for _ in range(total)]
+                assert ids == [str(i) for i in range(1, total + 1)]  # every one, once, in order
+            await asyncio.wait_for(producer, DEADLINE)
+            assert errors, "the outage was reported"
+
+            # Once subscribed again, a frame through Redis is the next thing
+            # they get: no echo of the 300 came through twice.
+            plain = make_client(own_redis_server)
+            try:
+
+                async def resubscribed() -> bool:
+                    return await plain.pubsub_numsub("safe:rt:doc") == [(b"safe:rt:doc", 1)]
+
+                await eventually(resubscribed, "the registry subscribed again after the restart", tries=750)
+                await registry.flush()
+                marker = await publish_marker(plain, "safe:rt:")
+            finally:
+                await plain.aclose()
+            for conn in (first, second):
+                assert json.dumps(await recv(conn), separators=(",", ":")).encode() == marker
+    finally:
+        await asyncio.wait_for(server.close(), DEADLINE)
+        await asyncio.wait_for(registry.close(), DEADLINE)
+        await client.aclose()

@@ -29,21 +29,37 @@ order they were issued:
   ``subscribe()`` returned is published after the node is subscribed and
   comes back to it.
 
+Delivery is local-first: ``broadcast`` encodes the message into one
+WebSocket frame and fans it out to this node's subscribers at once, then
+queues the PUBLISH for the other nodes. A Redis that is down or slow
+therefore never keeps a node's own transactions from its own clients.
+
 A second task, the reader, owns the reads of the pub/sub connection. Every
-payload it receives is validated with :func:`parse_server_message`, encoded
-into one WebSocket frame once and queued on every local subscriber; a node
-delivers to its own subscribers ONLY through this path (its own publishes
-come back to it), so there is one delivery path and no duplicate. When the
-pub/sub connection fails, the reader reports the error to ``on_error``,
-waits a bounded exponential backoff, opens a new pub/sub connection and
-subscribes every channel that has local subscribers at that moment; commands
-still queued behind it are then applied in order, which converges on the
-local map.
+payload it receives is validated with :func:`parse_server_message`; the
+echo of this node's own PUBLISH is dropped, anything else is encoded into
+one frame once and queued on the local subscribers. Own echoes come back in
+the order they were published, so each channel keeps the FIFO of what this
+node published and is still waiting to see again, keyed by transaction id
+(by payload bytes for the rare frame without one: ``lifecycle``). Rule 4
+of STORE.md holds per subscriber: a ``transaction`` frame reaches it at
+most once, in order, and never one its snapshot already holds. Per
+channel, the highest id delivered (``mark``) drops a frame from Redis that
+is not newer (a duplicate, or one overtaken by a newer local one: the
+client's gap detection fetches it by replay), and each subscriber keeps its
+snapshot's ``lastTransactionId`` so frames at or below it skip it. A
+``lifecycle`` frame starts a new epoch (a replaced ShareData may count its
+ids from 1 again): the marks are reset.
+
+When the pub/sub connection fails, the reader reports the error to
+``on_error``, waits a bounded exponential backoff, opens a new pub/sub
+connection and subscribes every channel that has local subscribers at that
+moment; commands still queued behind it are then applied in order, which
+converges on the local map.
 
 Nothing of this ever blocks the caller: a Redis failure becomes an
-``on_error`` call (default: a log line) and, for live frames, a lost frame.
-Live delivery across nodes is at-most-once; the replay window is the
-recovery path (see docs/scaleout.md).
+``on_error`` call (default: a log line) and, for other nodes, a lost frame.
+Live delivery across nodes is at-most-once; the replay window and the
+client's gap detection are the recovery path (see docs/scaleout.md).
 """
 
 from __future__ import annotations
@@ -52,7 +68,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Optional
 
@@ -274,8 +289,55 @@ class RedisReplayStore:
 _PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE, _BARRIER = range(4)
 _POLL_SECONDS = 1.0
 """Longest a pub/sub read waits before the reader looks at its state again."""
-_ECHO_LOOKAHEAD = 8
-"""Own PUBLISHes an echo may overtake: ones whose loss was not seen."""
+_NO_ID = -1
+"""The sequence number of "no transaction yet" (ids count from 1)."""
+
+
+def _sequence(transaction_id: Any) -> Optional[int]:
+    """The number of a decimal transaction id ("12" -> 12); None for any other id."""
+    if type(transaction_id) is str and transaction_id.isdigit() and transaction_id.isascii():
+        return int(transaction_id)
+    return None
+
+
+def _kind_and_sequence(message: Any) -> tuple[Any, Optional[int]]:
+    """A message's ``type`` and, for a ``transaction``, its id as a number."""
+    if isinstance(message, dict):
+        kind = message.get("type")
+        return kind, _sequence(message.get("transactionId")) if kind == "transaction" else None
+    kind = message.type
+    return kind, _sequence(message.transaction_id) if kind == "transaction" else None
+
+
+def _snapshot_sequence(connection: Any, share_data_id: str) -> Optional[int]:
+    """The ``lastTransactionId`` of the snapshot a server connection is about to get, as a number.
+
+    The server registers a subscriber and takes its ``state`` frame from its
+    manager with no ``await`` in between, so the manager holds that snapshot
+    now. None when the connection is not a server connection.
+    """
+    manager = getattr(getattr(connection, "hub", None), "manager", None)
+    if manager is None:
+        return None
+    share_data = manager.get_share_data_by_id(share_data_id)
+    if share_data is None:
+        return None
+    sequence = _sequence(share_data.last_transaction_id)
+    return _NO_ID if sequence is None else sequence
+
+
+class _Delivery:
+    """What one channel has delivered on this node, and its own echoes still to come."""
+
+    __slots__ = ("mark", "newest", "own")
+
+    def __init__(self) -> None:
+        self.mark = _NO_ID
+        """The highest transaction id delivered here in this epoch."""
+        self.newest = _NO_ID
+        """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
+        self.own: deque[Any] = deque()
+        """This node's PUBLISHes whose echo has not come back: ids, or payloads for frames without one."""
 
 
 def _log_error(error: BaseException) -> None:
@@ -354,20 +416,11 @@ class RedisChannelRegistry:
         self._timeout_error = RedisTimeoutError
 
         # Local subscribers, as in InMemoryChannelRegistry; each maps to the
-        # count of this node's PUBLISHes when it subscribed.
+        # lastTransactionId (a number) of the snapshot it took.
         self._local: dict[str, dict[Any, int]] = {}
-        # Subscribers of a removed channel, kept until Redis confirms its
-        # UNSUBSCRIBE so that the frames published before it (the
-        # `lifecycle removed` one) still reach them.
-        self._draining: dict[str, dict[Any, int]] = {}
-        # This node's PUBLISHes so far, and those of channels with local
-        # subscribers whose echo from Redis has not come back yet, as
-        # (number, payload). A subscriber's snapshot already holds what this
-        # node published before it subscribed: those echoes skip it.
-        self._published = 0
-        self._echoes: dict[str, deque[tuple[int, bytes, float]]] = {}
-        # Per channel, the count when its newest local subscriber subscribed.
-        self._newest: dict[str, int] = {}
+        # Per channel subscribed (or being subscribed, or unsubscribed) at
+        # Redis: what was delivered, and the own echoes still to come.
+        self._deliveries: dict[str, _Delivery] = {}
 
         self._ops: deque[tuple[Any, ...]] = deque()
         self._pending_publishes = 0
@@ -392,9 +445,18 @@ class RedisChannelRegistry:
         if subscribers is None:
             subscribers = self._local[share_data_id] = {}
             self._enqueue((_SUBSCRIBE, self._channel(share_data_id)))
+        delivery = self._deliveries.get(share_data_id)
+        if delivery is None:
+            delivery = self._deliveries[share_data_id] = _Delivery()
         # Again for a subscriber already here (it keeps its place): it has just
-        # taken a new snapshot.
-        subscribers[connection] = self._newest[share_data_id] = self._published
+        # taken a new snapshot. Without one to read, what this node delivered
+        # so far stands for it.
+        snapshot = _snapshot_sequence(connection, share_data_id)
+        if snapshot is None:
+            snapshot = delivery.mark
+        subscribers[connection] = snapshot
+        if snapshot > delivery.newest:
+            delivery.newest = snapshot
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._local.get(share_data_id)
@@ -405,7 +467,7 @@ class RedisChannelRegistry:
                 self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
 
     def broadcast(self, share_data_id: str, message: ServerMessage | dict[str, Any]) -> None:
-        """PUBLISH ``message`` (always; local subscribers get it back from Redis).
+        """Deliver ``message`` to the local subscribers now, and PUBLISH it for the other nodes.
 
         Raises :class:`~safe_fast.messages.EncodeError` at once if the message
         cannot be JSON; everything later is reported to ``on_error``.
@@ -413,6 +475,19 @@ class RedisChannelRegistry:
         payload = encode_message(message)
         if self._closed:
             return
+        delivery = self._deliveries.get(share_data_id)
+        echo: Any = None
+        if delivery is not None:
+            kind, sequence = _kind_and_sequence(message)
+            echo = payload if sequence is None else sequence
+            subscribers = self._local.get(share_data_id)
+            if subscribers:
+                self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
+            if sequence is not None:
+                if sequence > delivery.mark:
+                    delivery.mark = sequence
+            elif kind == "lifecycle":
+                self._new_epoch(delivery, subscribers)
         if self._pending_publishes >= self.max_pending_publishes:
             self._report(
                 RuntimeError(
@@ -421,41 +496,27 @@ class RedisChannelRegistry:
                 )
             )
             return
-        self._enqueue((_PUBLISH, self._channel(share_data_id), payload))
+        if delivery is not None:
+            # Subscribed at Redis (or about to be): this PUBLISH comes back.
+            own = delivery.own
+            own.append(echo)
+            if len(own) > self.max_pending_publishes:
+                own.popleft()  # long lost: never let them pile up
+        self._enqueue((_PUBLISH, self._channel(share_data_id), payload, echo))
         self._pending_publishes += 1
-        self._published += 1
-        if share_data_id in self._local:
-            now = time.monotonic()
-            echoes = self._echoes.get(share_data_id)
-            if echoes is None:
-                echoes = self._echoes[share_data_id] = deque()
-            else:
-                self._expire(echoes, now)
-            echoes.append((self._published, payload, now))
 
     def remove_connection(self, connection: Any) -> None:
         for share_data_id in [i for i, subs in self._local.items() if connection in subs]:
             self.unsubscribe(share_data_id, connection)
-        for subscribers in self._draining.values():
-            subscribers.pop(connection, None)
 
     def remove_channel(self, share_data_id: str) -> None:
         """Drop every local subscriber of ``share_data_id`` and UNSUBSCRIBE.
 
-        Frames published before this call (the ``lifecycle removed`` that
-        precedes it) still reach those subscribers: they are kept until Redis
-        confirms the UNSUBSCRIBE, which comes after them on the connection.
+        The ``lifecycle removed`` frame broadcast just before has already
+        reached them: local delivery does not wait for Redis.
         """
-        subscribers = self._local.pop(share_data_id, None)
-        if subscribers is None:
-            return
-        if not self._closed:
-            previous = self._draining.get(share_data_id)
-            if previous:
-                previous.update(subscribers)
-            else:
-                self._draining[share_data_id] = subscribers
-        self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
+        if self._local.pop(share_data_id, None) is not None:
+            self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
 
     # -- inspection and lifecycle --------------------------------------------------
 
@@ -518,7 +579,7 @@ class RedisChannelRegistry:
             self._ops.clear()
             self._pending_publishes = 0
             self._release_confirmations()
-            self._draining.clear()
+            self._deliveries.clear()
             pubsub, self._pubsub = self._pubsub, None
             if pubsub is not None:
                 await self._close_pubsub(pubsub)
@@ -585,13 +646,12 @@ class RedisChannelRegistry:
 
     def _no_echo(self, batch: list[tuple[Any, ...]]) -> None:
         """These PUBLISHes failed: no echo of theirs will come back."""
-        for _, channel, payload in batch:
-            echoes = self._echoes.get(self._share_data_id(channel))
-            if echoes:
-                for index, (_, mine, _) in enumerate(echoes):
-                    if mine is payload:
-                        del echoes[index]
-                        break
+        for _, channel, _, echo in batch:
+            if echo is not None:
+                delivery = self._deliveries.get(self._share_data_id(channel))
+                if delivery is not None:
+                    with contextlib.suppress(ValueError):
+                        delivery.own.remove(echo)
 
     async def _bounded(self, command: Awaitable[Any], what: str) -> Any:
         """One attempt of a Redis command, failed after ``command_timeout``."""
@@ -605,10 +665,10 @@ class RedisChannelRegistry:
 
         def attempt() -> Awaitable[Any]:
             if len(batch) == 1:
-                _, channel, payload = batch[0]
+                _, channel, payload, _ = batch[0]
                 return self._bounded(self.redis.publish(channel, payload), "PUBLISH")
             pipe = self.redis.pipeline(transaction=False)
-            for _, channel, payload in batch:
+            for _, channel, payload, _ in batch:
                 pipe.publish(channel, payload)
             return self._bounded(pipe.execute(), f"{len(batch)} PUBLISHes")
 
@@ -639,8 +699,8 @@ class RedisChannelRegistry:
             pubsub = self._pubsub
             if pubsub is None:
                 if kind == _UNSUBSCRIBE:
-                    # No pub/sub connection: nothing is subscribed, nothing to drain.
-                    self._stop_draining(channels)
+                    # No pub/sub connection: nothing is subscribed, no echo to wait for.
+                    self._unsubscribed(channels)
                     return
                 pubsub = self._pubsub = self.redis.pubsub()
             waiting: list[tuple[tuple[int, str], asyncio.Future[None]]] = []
@@ -657,7 +717,7 @@ class RedisChannelRegistry:
                 for key, confirmed in waiting:
                     self._forget_confirmation(key, confirmed)
                 if kind == _UNSUBSCRIBE:
-                    self._stop_draining(channels)
+                    self._unsubscribed(channels)
                 self._broken = True
                 self._wake_reader.set()
                 raise
@@ -669,15 +729,18 @@ class RedisChannelRegistry:
             for key, confirmed in waiting:
                 self._forget_confirmation(key, confirmed)
             if kind == _UNSUBSCRIBE:
-                self._stop_draining(late)
+                self._unsubscribed(late)
             verb = "SUBSCRIBE" if kind == _SUBSCRIBE else "UNSUBSCRIBE"
             self._report(
                 TimeoutError(f"Redis did not confirm {verb} {' '.join(late)} within {self.confirm_timeout}s")
             )
 
-    def _stop_draining(self, channels: list[str]) -> None:
+    def _unsubscribed(self, channels: list[str]) -> None:
+        """No more echoes on these channels: forget what they delivered, unless subscribed again."""
         for channel in channels:
-            self._draining.pop(self._share_data_id(channel), None)
+            share_data_id = self._share_data_id(channel)
+            if share_data_id not in self._local:
+                self._deliveries.pop(share_data_id, None)
 
     def _forget_confirmation(self, key: tuple[int, str], future: asyncio.Future[None]) -> None:
         waiting = self._confirmations.get(key)
@@ -737,11 +800,9 @@ class RedisChannelRegistry:
             old, self._pubsub = self._pubsub, None
             if old is not None:
                 await self._close_pubsub(old)
-            # Frames published before a pending UNSUBSCRIBE may be lost with
-            # the connection: nothing more can be delivered to these. Echoes
-            # under way are lost with it too.
-            self._draining.clear()
-            self._echoes.clear()
+            # Channels left without local subscribers are not subscribed again.
+            for share_data_id in [i for i in self._deliveries if i not in self._local]:
+                del self._deliveries[share_data_id]
             wanted = [self._channel(share_data_id) for share_data_id in self._local]
             if wanted:
                 pubsub = self.redis.pubsub()
@@ -776,65 +837,68 @@ class RedisChannelRegistry:
         elif kind == "unsubscribe":
             channel = _text(message["channel"])
             if channel.startswith(self.channel_prefix):
-                share_data_id = self._share_data_id(channel)
-                self._draining.pop(share_data_id, None)
-                if share_data_id not in self._local:
-                    self._echoes.pop(share_data_id, None)
-                    self._newest.pop(share_data_id, None)
+                self._unsubscribed([channel])
             self._confirm(_UNSUBSCRIBE, channel)
 
-    def _expire(self, echoes: deque[tuple[int, bytes, float]], now: float) -> None:
-        """Stop waiting for echoes that will not come (lost in a failure or a reconnect)."""
-        horizon = now - self.confirm_timeout
-        while echoes and (echoes[0][2] < horizon or len(echoes) >= self.max_pending_publishes):
-            echoes.popleft()
-
-    def _own_echo(self, share_data_id: str, payload: bytes) -> Optional[int]:
-        """The number of this node's PUBLISH that ``payload`` echoes; None for another node's."""
-        echoes = self._echoes.get(share_data_id)
-        if not echoes:
-            return None
-        self._expire(echoes, time.monotonic())
-        for index, (number, mine, _) in enumerate(echoes):
-            if mine == payload:
-                for _ in range(index + 1):  # any before it will not come back
-                    echoes.popleft()
-                if not echoes:
-                    del self._echoes[share_data_id]
-                return number
-            if index == _ECHO_LOOKAHEAD:
-                break
-        return None
-
     def _deliver(self, channel: str, payload: Any) -> None:
-        """One payload from Redis -> one frame -> every local subscriber."""
+        """One payload from Redis: an own echo or nothing new is dropped, else one frame -> local subscribers."""
         if not channel.startswith(self.channel_prefix):
             return
         share_data_id = self._share_data_id(channel)
-        targets = self._local.get(share_data_id)
-        draining = self._draining.get(share_data_id)
-        if draining:
-            if targets:
-                targets = {**draining, **targets}
-            else:
-                targets = draining
-        if not targets:
-            return
+        delivery = self._deliveries.get(share_data_id)
+        if delivery is None:
+            return  # nobody here, and no echo of ours under way
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         elif not isinstance(payload, bytes):
             payload = bytes(payload)
         try:
-            parse_server_message(payload)
+            message = parse_server_message(payload)
         except InvalidMessage as exc:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
-        number = self._own_echo(share_data_id, payload)
-        if number is not None and self._newest.get(share_data_id, -1) >= number:
-            # Someone subscribed after this node published it: their state
-            # frame already holds it, so it would go backwards for them.
-            targets = {connection: start for connection, start in targets.items() if start < number}
-        try:
-            core.fanout(core.encode_frame(payload), targets)
-        except Exception as exc:
-            self._report(exc)
+        kind, sequence = _kind_and_sequence(message)
+        own = delivery.own
+        if own and self._own_echo(own, payload if sequence is None else sequence):
+            return  # delivered here when it was broadcast
+        subscribers = self._local.get(share_data_id)
+        if sequence is not None:
+            if sequence <= delivery.mark:
+                return  # a copy of one delivered, or older than one delivered
+            delivery.mark = sequence
+        elif kind == "lifecycle":
+            self._new_epoch(delivery, subscribers)
+        if subscribers:
+            try:
+                self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
+            except Exception as exc:
+                self._report(exc)
+
+    @staticmethod
+    def _own_echo(own: deque[Any], echo: Any) -> bool:
+        """Whether ``echo`` is one of this node's PUBLISHes coming back (then taken off ``own``)."""
+        if own[0] == echo:
+            own.popleft()
+            return True
+        for index, mine in enumerate(own):
+            if mine == echo:
+                for _ in range(index + 1):  # those before it were lost on the way
+                    own.popleft()
+                return True
+        return False
+
+    @staticmethod
+    def _fan_out(delivery: _Delivery, subscribers: dict[Any, int], frame: bytes, sequence: Optional[int]) -> None:
+        if sequence is not None and sequence <= delivery.newest:
+            # Someone's snapshot already holds it: skip them (rare; the common
+            # case below does no work per subscriber).
+            subscribers = {connection: seen for connection, seen in subscribers.items() if seen < sequence}
+        core.fanout(frame, subscribers)
+
+    @staticmethod
+    def _new_epoch(delivery: _Delivery, subscribers: Optional[dict[Any, int]]) -> None:
+        """After a ``lifecycle`` frame the ids may start again from 1: forget the marks."""
+        delivery.mark = delivery.newest = _NO_ID
+        if subscribers:
+            for connection in subscribers:
+                subscribers[connection] = _NO_ID
