@@ -166,6 +166,13 @@ def make_client(server: RedisProcess, **kwargs: Any) -> Any:
     return redis_asyncio.Redis(host="127.0.0.1", port=server.port, **kwargs)
 
 
+def owned_client(server: RedisProcess, registries: Any, **kwargs: Any) -> Any:
+    """A client on ``server`` that the ``registries`` fixture closes at teardown."""
+    client = make_client(server, **kwargs)
+    registries.clients.append(client)
+    return client
+
+
 @pytest.fixture
 async def redis_client(redis_server: RedisProcess) -> AsyncIterator[Any]:
     """A plain client on the shared server, which it flushes first."""
@@ -845,8 +852,7 @@ async def test_registry_survives_a_redis_restart(
     own_redis_server: RedisProcess, registries: RegistryFactory
 ) -> None:
     # No retries inside redis-py: the registry's own backoff does the work.
-    client = make_client(own_redis_server, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1.0)
-    registries.clients.append(client)  # type: ignore[attr-defined]
+    client = owned_client(own_redis_server, registries, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1.0)
     errors = Errors()
     registry = registries(
         client, on_error=errors, reconnect_min_delay=0.01, reconnect_max_delay=0.2, retry=Retry(NoBackoff(), 0)
@@ -1174,8 +1180,7 @@ async def test_replay_timeout_option_is_validated() -> None:
 async def test_on_error_reports_each_failed_publish_attempt_while_redis_is_down(
     own_redis_server: RedisProcess, registries: RegistryFactory
 ) -> None:
-    client = make_client(own_redis_server, retry=Retry(NoBackoff(), 0), socket_connect_timeout=0.5)
-    registries.clients.append(client)  # type: ignore[attr-defined]
+    client = owned_client(own_redis_server, registries, retry=Retry(NoBackoff(), 0), socket_connect_timeout=0.5)
     errors = Errors()
     registry = registries(client, on_error=errors, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=3))
     registry.broadcast("doc", tx("doc", "1", 1))
@@ -1195,8 +1200,7 @@ async def test_on_error_reports_each_failed_publish_attempt_while_redis_is_down(
 async def test_a_hung_redis_fails_publish_attempts_instead_of_stalling_them(
     own_redis_server: RedisProcess, registries: RegistryFactory
 ) -> None:
-    client = make_client(own_redis_server)  # redis-py's default retries: bounded by command_timeout
-    registries.clients.append(client)  # type: ignore[attr-defined]
+    client = owned_client(own_redis_server, registries)  # redis-py's default retries: bounded by command_timeout
     errors = Errors()
     registry = registries(
         client, on_error=errors, command_timeout=0.2, retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=2)
@@ -1285,3 +1289,35 @@ async def test_local_subscribers_miss_nothing_while_redis_is_stopped_and_restart
         await asyncio.wait_for(server.close(), DEADLINE)
         await asyncio.wait_for(registry.close(), DEADLINE)
         await client.aclose()
+
+
+async def test_a_silent_pubsub_connection_is_noticed_reported_and_replaced(
+    own_redis_server: RedisProcess, registries: RegistryFactory
+) -> None:
+    client = owned_client(own_redis_server, registries, retry=Retry(NoBackoff(), 0))
+    errors = Errors()
+    registry = registries(client, on_error=errors, command_timeout=0.2, reconnect_min_delay=0.01, reconnect_max_delay=0.1)
+    sink = Sink()
+    registry.subscribe("doc", sink)
+    await registry.flush()
+    own_redis_server.pause()  # no socket closes: only the missing PONG tells
+    try:
+        # Nothing is broadcast: the reader alone reports, once per attempt.
+        await errors.wait_for(lambda e: len(e) >= 3)
+        assert all(isinstance(e, RedisTimeoutError) for e in errors), errors
+        assert "did not answer PING on the pub/sub connection within 0.2s" in str(errors[0])
+        assert "did not answer SUBSCRIBE within 0.2s" in str(errors[1])
+    finally:
+        own_redis_server.resume()
+    plain = make_client(own_redis_server)
+    try:
+        # (PUBSUB NUMSUB may still count the abandoned connection for a moment.)
+        async def delivered() -> bool:
+            await publish_marker(plain, registry.channel_prefix)
+            await asyncio.sleep(0.05)
+            return bool(sink.payloads)
+
+        await eventually(delivered, "a frame through Redis arrives once Redis answers again", tries=300)
+    finally:
+        await plain.aclose()
+    assert set(sink.payloads) == {encode_message(tx("doc", "marker", 0))}

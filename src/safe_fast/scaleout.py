@@ -50,8 +50,9 @@ snapshot's ``lastTransactionId`` so frames at or below it skip it. A
 ``lifecycle`` frame starts a new epoch (a replaced ShareData may count its
 ids from 1 again): the marks are reset.
 
-When the pub/sub connection fails, the reader reports the error to
-``on_error``, waits a bounded exponential backoff, opens a new pub/sub
+When the pub/sub connection fails, or stays silent after a PING for longer
+than ``command_timeout``, the reader reports it to ``on_error``, waits a
+bounded exponential backoff, opens a new pub/sub
 connection and subscribes every channel that has local subscribers at that
 moment; commands still queued behind it are then applied in order, which
 converges on the local map.
@@ -432,6 +433,7 @@ class RedisChannelRegistry:
         self._pubsub: Any = None
         self._pubsub_lock = asyncio.Lock()
         self._broken = False
+        self._ping_sent_at: Optional[float] = None
         self._delay = reconnect_min_delay
         # (kind, channel) -> futures resolved by the reader on Redis' confirmation
         self._confirmations: dict[tuple[int, str], list[asyncio.Future[None]]] = {}
@@ -784,12 +786,43 @@ class RedisChannelRegistry:
                 self._report(exc)
                 self._broken = True
                 continue
-            if message is not None:
-                self._delay = self.reconnect_min_delay
-                try:
-                    self._on_pubsub_message(message)
-                except Exception as exc:  # never let one message stop the reader
-                    self._report(exc)
+            if message is None:
+                await self._check_alive(pubsub)
+                continue
+            self._delay = self.reconnect_min_delay
+            self._ping_sent_at = None  # anything heard shows the connection alive
+            try:
+                self._on_pubsub_message(message)
+            except Exception as exc:  # never let one message stop the reader
+                self._report(exc)
+
+    async def _check_alive(self, pubsub: Any) -> None:
+        """Send a quiet pub/sub connection a PING; replace it if no answer comes within ``command_timeout``.
+
+        A Redis that stopped (or a network that went silent) closes no
+        socket: without this, the node would wait for its channels forever.
+        """
+        loop = asyncio.get_running_loop()
+        if self._ping_sent_at is None:
+            self._ping_sent_at = loop.time()
+            try:
+                async with self._pubsub_lock:
+                    if pubsub is self._pubsub and not self._broken:
+                        await self._bounded(pubsub.ping(), "PING")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._report(exc)
+                self._broken = True
+        elif loop.time() - self._ping_sent_at > self.command_timeout:
+            self._report(
+                self._timeout_error(f"Redis did not answer PING on the pub/sub connection within {self.command_timeout}s")
+            )
+            self._broken = True
+        else:
+            return
+        if self._broken:
+            self._ping_sent_at = None
 
     async def _reconnect(self) -> None:
         """Back off, then a fresh pub/sub connection subscribed to what the local map holds."""
