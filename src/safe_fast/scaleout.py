@@ -52,10 +52,10 @@ ids from 1 again): the marks are reset.
 
 When the pub/sub connection fails, or stays silent after a PING for longer
 than ``command_timeout``, the reader reports it to ``on_error``, waits a
-bounded exponential backoff, opens a new pub/sub
-connection and subscribes every channel that has local subscribers at that
-moment; commands still queued behind it are then applied in order, which
-converges on the local map.
+bounded exponential backoff, opens a new pub/sub connection and subscribes
+every channel that has local subscribers at that moment; commands still
+queued behind it are then applied in order, which converges on the local
+map.
 
 Nothing of this ever blocks the caller: a Redis failure becomes an
 ``on_error`` call (default: a log line) and, for other nodes, a lost frame.
@@ -348,7 +348,8 @@ def _log_error(error: BaseException) -> None:
 class RedisChannelRegistry:
     """A channel registry whose broadcasts reach subscribers on every node.
 
-    ``redis_client`` is a ``redis.asyncio.Redis``; PUBLISHes go through it and
+    This node's subscribers get its broadcasts at once (local-first); the
+    other nodes' through Redis. ``redis_client`` is a ``redis.asyncio.Redis``; PUBLISHes go through it and
     the subscriptions through one dedicated pub/sub connection
     (``redis_client.pubsub()``). ``on_error(exception)`` is called for every
     Redis failure and every invalid payload received (default: log a
