@@ -817,7 +817,9 @@ class RedisChannelRegistry:
                 self._broken = True
         elif loop.time() - self._ping_sent_at > self.command_timeout:
             self._report(
-                self._timeout_error(f"Redis did not answer PING on the pub/sub connection within {self.command_timeout}s")
+                self._timeout_error(
+                    f"Redis did not answer PING on the pub/sub connection within {self.command_timeout}s"
+                )
             )
             self._broken = True
         else:

@@ -722,7 +722,8 @@ async def test_gap_detection_gives_the_application_every_transaction_once_in_ord
         await eventually(lambda: len(server.connections) == 1, what="the lossy client's connection")
         registry.victim = server.connections[0]
         await control.connect()
-        seen = {"lossy": channel_recorder(lossy.subscribe("doc")), "control": channel_recorder(control.subscribe("doc"))}
+        seen = {"lossy": channel_recorder(lossy.subscribe("doc"))}
+        seen["control"] = channel_recorder(control.subscribe("doc"))
         await eventually(lambda: all(len(frames) == 1 for frames in seen.values()), what="state frames")
 
         for i in range(1, 21):
