@@ -32,6 +32,7 @@ from .connection import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
 )
@@ -255,6 +256,7 @@ class RealtimeServer:
         close_timeout: float,
         ssl: Optional[ssl_module.SSLContext] = None,
         backlog: int,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
     ) -> None:
         self.manager = manager
         self.ssl = ssl
@@ -278,6 +280,7 @@ class RealtimeServer:
             authorize_propose=authorize_propose,
             max_buffered_bytes=max_buffered_bytes,
             close_timeout=close_timeout,
+            replay_timeout=replay_timeout,
             events=self._events,
         )
         self._server: Optional[asyncio.AbstractServer] = None
@@ -304,7 +307,7 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed|timeout``."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -522,6 +525,7 @@ async def attach_realtime_server(
     close_timeout: float = 5.0,
     ssl: Optional[ssl_module.SSLContext] = None,
     backlog: Optional[int] = None,
+    replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -537,7 +541,9 @@ async def attach_realtime_server(
     :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
     it, put TLS in front, at a proxy). ``backlog`` is the listen backlog
     (connections the kernel queues until they are accepted); None takes the
-    system's ``somaxconn``.
+    system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
+    with ``since`` waits for the replay store before it answers ``state`` and
+    ``replay-cursor-not-found``.
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -551,6 +557,8 @@ async def attach_realtime_server(
     if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
         raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
     backlog = resolve_backlog(backlog)
+    if isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float)) or not replay_timeout > 0:
+        raise ValueError("replay_timeout must be a positive number of seconds")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -567,6 +575,7 @@ async def attach_realtime_server(
         close_timeout=close_timeout,
         ssl=ssl,
         backlog=backlog,
+        replay_timeout=replay_timeout,
     )
     await server._start(host, port, sock)
     return server
