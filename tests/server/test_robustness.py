@@ -20,7 +20,6 @@ import random
 import re
 import socket
 import struct
-import sys
 from typing import Any, Awaitable, Callable, Optional
 
 import pytest
