@@ -12,13 +12,14 @@ import asyncio
 import inspect
 import logging
 import socket
+import ssl as ssl_module
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import picows
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
@@ -31,10 +32,12 @@ from .connection import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
 )
 from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
+from .listen import AcceptFailureLog, resolve_backlog
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -45,7 +48,12 @@ _TEXT = picows.WSMsgType.TEXT
 _BINARY = picows.WSMsgType.BINARY
 _CONTINUATION = picows.WSMsgType.CONTINUATION
 _CLOSE = picows.WSMsgType.CLOSE
+_PING = picows.WSMsgType.PING
 _PONG = picows.WSMsgType.PONG
+
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+"""Close codes a peer may send (RFC 6455 §7.4, with IANA's 1012–1014), besides 3000–4999.
+1004 is reserved; 1005, 1006 and 1015 must never appear on the wire."""
 
 READ_BUFFER_SIZE = 2048
 """Initial read buffer per connection. picows grows it on demand; clients of
@@ -56,6 +64,10 @@ this protocol send small messages, so the 16 KiB default mostly sits idle."""
 # shared adapter over the logger that name selected: picows' records still go to
 # ``picows.safe_fast.server.picows``, only without the per-connection ".<fd>".
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.safe_fast.server.picows"), {})
+
+# What picows' upgrade request and 101 response keep as headers once the
+# handshake is over (see ``_Listener.on_ws_connected``): one shared empty view.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 def use_uvloop() -> bool:
@@ -73,10 +85,10 @@ def _close_code(value: Any) -> int:
 
 
 class _Listener(picows.WSListener):  # type: ignore[misc]
-    """Feeds one picows connection into a :class:`ServerConnection`."""
+    """Feeds one picows connection into a :class:`ServerConnection`, and is its control seam."""
 
     # One per connection for its whole life: slots instead of a __dict__.
-    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary")
+    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary", "transport")
 
     def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any) -> None:
         super().__init__()
@@ -86,15 +98,27 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
+        self.transport: Optional[picows.WSTransport] = None
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
+        self.transport = transport
+        # picows keeps the upgrade request and the 101 response, headers and
+        # all, for the connection's life (~2 KiB with a browser's headers).
+        # Both are done with: the response is sent, and ``authenticate`` got
+        # the request headers in an UpgradeRequest of its own.
+        request, response = transport.request, transport.response
+        if request is not None:
+            request.headers, request.path = _NO_HEADERS, b""
+        if response is not None:
+            response.headers = _NO_HEADERS
         connection = ServerConnection(
             server._hub,
-            _Control(transport),
+            self,
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
+            websocket=transport,
         )
         self.connection = connection
         connection.opened()
@@ -110,16 +134,26 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         connection = self.connection
         if connection is None:
             return
+        msg_type = frame.msg_type
+        if connection.is_closing or transport.is_close_frame_sent:
+            # After a close frame (ours, or one picows sent for a framing
+            # error it found, while it goes on parsing what was already on
+            # the way) nothing is acted on or answered: only the peer's close
+            # ends the handshake.
+            connection.close_frame_sent()
+            if msg_type == _CLOSE:
+                transport.disconnect()
+            return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             # No extension is ever negotiated, so a reserved bit fails the connection (RFC 6455 §5.2).
             connection.close(1002, "reserved bits set")
             return
-        msg_type = frame.msg_type
         if msg_type == _TEXT or msg_type == _BINARY:
-            if frame.fin:
-                if self.fragments is not None:
-                    connection.close(1002, "expected a continuation frame")
-                    return
+            if self.fragments is not None:
+                # A new message before the fragmented one finished (RFC 6455 §5.4).
+                self.fragments = None
+                connection.close(1002, "expected a continuation frame")
+            elif frame.fin:
                 connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
             else:
                 self.fragments = bytearray(frame.get_payload_as_memoryview())
@@ -136,14 +170,31 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             if frame.fin:
                 payload, self.fragments = bytes(self.fragments), None
                 connection.receive_message(payload, self.fragments_binary)
+        elif msg_type == _PING:
+            # The connection decides (not picows' auto-pong): nothing may precede a 4002.
+            connection.ping_received(frame.get_payload_as_bytes())
         elif msg_type == _PONG:
             connection.pong_received()
         elif msg_type == _CLOSE:
-            if not connection.is_closing:
+            payload = frame.get_payload_as_bytes()
+            if not payload:
+                # A close without a status code is answered with 1000.
+                connection.close(CLOSE_NORMAL, "")
+            else:
                 code = _close_code(frame.get_close_code())
-                # Echo the peer's code (RFC 6455 §5.5.1); a close without one gets 1000.
-                connection.close(code if code >= 1000 else CLOSE_NORMAL, "")
+                if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999:
+                    connection.close(code, "")  # echo the peer's code (RFC 6455 §5.5.1)
+                else:
+                    connection.close(1002, "invalid close code")
             transport.disconnect()
+
+    # The transport's buffer crossing its watermarks: the outbox measures the
+    # buffer itself, so these are only acknowledged (else picows logs each).
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
         connection = self.connection
@@ -160,14 +211,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
 
-
-class _Control:
-    """The control seam of :class:`ServerConnection` over a picows transport."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: picows.WSTransport) -> None:
-        self.transport = transport
+    # the control seam of ServerConnection
 
     def send_close(self, code: int, reason: bytes) -> None:
         self.transport.send_close(code, reason)  # type: ignore[arg-type]  # 4xxx codes are plain ints
@@ -177,6 +221,15 @@ class _Control:
 
     def send_ping(self) -> None:
         self.transport.send_ping()
+
+    def send_pong(self, payload: bytes) -> None:
+        self.transport.send_pong(payload)
+
+    def pause_reading(self) -> None:
+        self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.underlying_transport.resume_reading()
 
 
 class RealtimeServer:
@@ -201,8 +254,12 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        ssl: Optional[ssl_module.SSLContext] = None,
+        backlog: int,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
     ) -> None:
         self.manager = manager
+        self.ssl = ssl
         self.authenticate = authenticate
         self.path = path
         self.registry = registry
@@ -210,6 +267,7 @@ class RealtimeServer:
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
+        self.backlog = backlog
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
         self._hub = ServerHub(
@@ -222,6 +280,7 @@ class RealtimeServer:
             authorize_propose=authorize_propose,
             max_buffered_bytes=max_buffered_bytes,
             close_timeout=close_timeout,
+            replay_timeout=replay_timeout,
             events=self._events,
         )
         self._server: Optional[asyncio.AbstractServer] = None
@@ -230,6 +289,7 @@ class RealtimeServer:
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
         self._http_routes: dict[str, HttpHandler] = {}
+        self._accept_failures = AcceptFailureLog(logger, self._loop, lambda: len(self._hub.connections))
         self.host = ""
         self.port = 0
 
@@ -238,7 +298,8 @@ class RealtimeServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{self.path}"
+        scheme = "ws" if self.ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}{self.path}"
 
     @property
     def connections(self) -> list[ServerConnection]:
@@ -246,7 +307,7 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed|timeout``."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -284,6 +345,7 @@ class RealtimeServer:
                 self._heartbeat.cancel()
             if self._server is not None:
                 self._server.close()
+            self._accept_failures.close()
             for connection in self.connections:
                 connection.close(CLOSE_GOING_AWAY, "server shutting down")
             self._hub.flusher.flush_all()
@@ -321,23 +383,35 @@ class RealtimeServer:
             websocket_handshake_timeout=10,
             max_frame_size=self.max_message_size,
             read_buffer_init_size=READ_BUFFER_SIZE,
-            enable_auto_pong=True,
+            # Pings are answered by the listener, which knows when a close frame went out.
+            enable_auto_pong=False,
             logger_name=_PICOWS_LOGGER,
             # picows' default is aiofastnet's transport whenever aiofastnet
             # is installed (a picows dependency). It embeds a 4 KiB iovec
             # array: over 5 KiB per connection against ~1 KiB for the loop's
             # own (uvloop) transport, to which the core sends directly anyway.
             use_aiofastnet=False,
+            # TLS on the listener itself (wss://); the core then writes through
+            # the TLS transport, never straight to the socket.
+            ssl=self.ssl,
+            # Reaches listen() on both paths: the loop listens on a given
+            # socket too (uvloop with its own 100 unless told otherwise).
+            backlog=self.backlog,
             **kwargs,
         )
-        bound = self._server.sockets[0].getsockname()
+        listening = self._server.sockets[0]
+        bound = listening.getsockname()
         self.host, self.port = bound[0], bound[1]
+        self._accept_failures.watch(listening.fileno())
         self._hub.attach()
         if self.heartbeat_interval:
             self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
 
     def _route(self, request: picows.WSUpgradeRequest) -> Any:
         """picows' listener factory: decides the upgrade synchronously."""
+        # Every request first checks there is room for the next connection:
+        # uvloop drops connections it cannot accept without a word.
+        self._accept_failures.check_descriptors()
         if self._closed:
             return picows.WSUpgradeResponseWithListener(
                 picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
@@ -379,11 +453,10 @@ class RealtimeServer:
             return _upgrade_required() if path == self.path else None  # else 404
         plain = UpgradeRequest(path=target, query=query_parameters(query), headers=headers, remote_address=None)
         try:
-            response = handler(plain)
+            return to_picows_response(handler(plain))
         except Exception:
-            logger.exception("HTTP handler for %s raised", path)
-            response = HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error")
-        return to_picows_response(response)
+            logger.exception("HTTP handler for %s failed", path)
+            return to_picows_response(HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error"))
 
     async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
         try:
@@ -450,6 +523,9 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    ssl: Optional[ssl_module.SSLContext] = None,
+    backlog: Optional[int] = None,
+    replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -461,7 +537,13 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped.
+    to answer the close handshake before it is dropped. ``ssl``, a server-side
+    :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
+    it, put TLS in front, at a proxy). ``backlog`` is the listen backlog
+    (connections the kernel queues until they are accepted); None takes the
+    system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
+    with ``since`` waits for the replay store before it answers ``state`` and
+    ``replay-cursor-not-found``.
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -472,6 +554,11 @@ async def attach_realtime_server(
             raise ValueError(f"{name} must be a positive int")
     if heartbeat_interval is not None and not heartbeat_interval > 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
+    backlog = resolve_backlog(backlog)
+    if isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float)) or not replay_timeout > 0:
+        raise ValueError("replay_timeout must be a positive number of seconds")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -486,6 +573,9 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        ssl=ssl,
+        backlog=backlog,
+        replay_timeout=replay_timeout,
     )
     await server._start(host, port, sock)
     return server
