@@ -361,7 +361,7 @@ class ServerHub:
         except Exception as exc:
             logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
             return None
-        return None if found is None else list(found)
+        return None if found is None else list(found)  # type: ignore[arg-type]
 
     async def _landed_then_read(self, share_data_id: str, since: str) -> Any:
         await self.writes_landed(share_data_id)

@@ -98,7 +98,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
-        self.transport: Optional[picows.WSTransport] = None
+        # Set by on_ws_connected, before anything calls the seam methods below.
+        self.transport: picows.WSTransport = None  # type: ignore[assignment]
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
@@ -109,9 +110,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         # the request headers in an UpgradeRequest of its own.
         request, response = transport.request, transport.response
         if request is not None:
-            request.headers, request.path = _NO_HEADERS, b""
+            request.headers, request.path = _NO_HEADERS, b""  # type: ignore[assignment]
         if response is not None:
-            response.headers = _NO_HEADERS
+            response.headers = _NO_HEADERS  # type: ignore[assignment]
         connection = ServerConnection(
             server._hub,
             self,
