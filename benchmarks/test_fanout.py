@@ -84,15 +84,7 @@ class Rig:
     seconds: float = 0.0
 
     def env(self, cpu: str | None) -> dict[str, str]:
-        env = dict(os.environ)
-        for key, value in self.server.env.items():
-            if value is None:
-                env.pop(key, None)
-            else:
-                env[key] = value
-        if cpu is not None:
-            env["BENCH_CPUS"] = cpu
-        return env
+        return h.child_env({**self.server.env, "BENCH_CPUS": cpu})
 
     async def start(self) -> None:
         cpus = pinned_cpus()
