@@ -362,6 +362,8 @@ class RedisChannelRegistry:
         self._confirmations: dict[tuple[int, str], list[asyncio.Future[None]]] = {}
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
+        # Called once per local fan-out (see registry.FanoutObserver).
+        self.fanout_observer: Optional[Callable[[int, int], None]] = None
 
     # -- the ChannelRegistry API (synchronous) --------------------------------------
 
@@ -788,6 +790,9 @@ class RedisChannelRegistry:
             # frame already holds it, so it would go backwards for them.
             targets = {connection: start for connection, start in targets.items() if start < number}
         try:
-            core.fanout(core.encode_frame(payload), targets)
+            frame = core.encode_frame(payload)
+            delivered = core.fanout(frame, targets)
+            if self.fanout_observer is not None:
+                self.fanout_observer(delivered, len(frame))
         except Exception as exc:
             self._report(exc)

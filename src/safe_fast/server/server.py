@@ -271,23 +271,32 @@ class RealtimeServer:
     def remove_http_route(self, path: str) -> None:
         self._http_routes.pop(path, None)
 
-    async def close(self) -> None:
-        """Close every connection with 1001, detach from the manager, stop listening."""
+    async def close(self, timeout: Optional[float] = None) -> None:
+        """Stop listening, let proposals under way finish, close every connection with 1001.
+
+        In that order: no new connection is accepted; proposals already
+        being evaluated finish and are answered (their transactions are
+        broadcast); then every client gets what is queued for it and a 1001
+        close. ``timeout`` (default ``close_timeout``) bounds the whole of
+        it; connections still open then are dropped.
+        """
         if self._closing is not None:
             await asyncio.shield(self._closing)
             return
         self._closing = self._loop.create_future()
         try:
             self._closed = True
+            deadline = self._loop.time() + (self._hub.close_timeout if timeout is None else timeout)
+            if self._server is not None:
+                self._server.close()
+            while self._hub.proposals_in_flight and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
             self._hub.detach()
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
-            if self._server is not None:
-                self._server.close()
             for connection in self.connections:
                 connection.close(CLOSE_GOING_AWAY, "server shutting down")
             self._hub.flusher.flush_all()
-            deadline = self._loop.time() + self._hub.close_timeout
             while self._hub.connections and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
             for connection in self.connections:
