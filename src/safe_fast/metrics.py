@@ -152,6 +152,8 @@ class ServerMetrics:
         server.on("connection:closed", self._closed)
         server.on("connection:overflow", lambda event: self.overflow_closes.inc())
         server.on("replay:write-failed", lambda event: self.replay_write_failures.inc())
+        server.on("connection:rate-limited", lambda event: self.rate_limited.inc())
+        server.on("connection:refused", lambda event: self.admission_refusals.labels(event.reason).inc())
         for event in ("share-data:transaction", "share-data:updated", "share-data:removed"):
             server.manager.on(event, self._broadcast)
         server.registry.fanout_observer = self._fanned_out

@@ -218,6 +218,11 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
         max_message_size=settings.max_message_size,
         close_on_token_expiry=settings.close_on_token_expiry,
         close_timeout=settings.close_timeout,
+        allowed_origins=settings.allowed_origins or None,
+        max_messages_per_second=settings.message_rate_limit or None,
+        message_burst=settings.message_burst,
+        max_connections_per_address=settings.max_connections_per_address or None,
+        trusted_proxies=settings.trusted_proxies,
         **prepared.hooks,
     )
     readiness = Readiness(checks).install(server)

@@ -10,7 +10,8 @@ from .connection import (
 )
 from .request import UpgradeRequest
 from .resolver import create_id_based_function_resolver
-from .server import RealtimeServer, attach_realtime_server, use_uvloop
+from .admission import AdmissionPolicy
+from .server import ConnectionRefusedEvent, RealtimeServer, attach_realtime_server, use_uvloop
 
 __all__ = [
     "attach_realtime_server",
@@ -22,6 +23,8 @@ __all__ = [
     "ConnectionClosedEvent",
     "ConnectionOverflowEvent",
     "ReplayWriteFailedEvent",
+    "ConnectionRefusedEvent",
+    "AdmissionPolicy",
     "create_id_based_function_resolver",
     "use_uvloop",
 ]

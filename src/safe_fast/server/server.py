@@ -13,8 +13,9 @@ import inspect
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 from urllib.parse import urlsplit
 
 import picows
@@ -22,15 +23,17 @@ from multidict import CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
-from ..messages import CLOSE_UNAUTHORIZED
+from ..messages import CLOSE_UNAUTHORIZED, ErrorFrame
 from ..registry import ChannelRegistry, InMemoryChannelRegistry
 from ..replay import InMemoryReplayStore, ReplayStore
+from .admission import RATE_LIMITED_CODE, AdmissionPolicy, TokenBucket
 from .connection import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     ServerConnection,
     ServerHub,
 )
@@ -76,9 +79,19 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
     """Feeds one picows connection into a :class:`ServerConnection`."""
 
     # One per connection for its whole life: slots instead of a __dict__.
-    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary")
+    __slots__ = (
+        "server",
+        "context",
+        "pending_auth",
+        "connection",
+        "fragments",
+        "fragments_binary",
+        "bucket",
+        "forwarded_for",
+        "address",
+    )
 
-    def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any) -> None:
+    def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any, forwarded_for: Any = ()) -> None:
         super().__init__()
         self.server = server
         self.context = context
@@ -86,9 +99,17 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
+        # Admission (admission.py): the message-rate bucket, the X-Forwarded-For
+        # values until the peer is known, the address counted against its cap.
+        self.bucket: Optional[TokenBucket] = None
+        self.forwarded_for = forwarded_for
+        self.address: Optional[str] = None
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
+        admission = server.admission
+        if admission is not None and not self._admitted(admission, transport):
+            return
         connection = ServerConnection(
             server._hub,
             _Control(transport),
@@ -106,6 +127,35 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             server._watch_expiry(connection)
 
+    def _admitted(self, admission: AdmissionPolicy, transport: picows.WSTransport) -> bool:
+        """The per-address cap, now that the peer is known; sets up the rate limit."""
+        self.bucket = admission.new_bucket()
+        if not admission.max_connections_per_address:
+            return True
+        peer = transport.underlying_transport.get_extra_info("peername")
+        address = admission.client_address(peer[0] if peer else None, self.forwarded_for)
+        self.forwarded_for = ()
+        if admission.admit(address):
+            self.address = address
+            return True
+        self.server._events.emit("connection:refused", ConnectionRefusedEvent("address_cap", address))
+        pending, self.pending_auth = self.pending_auth, None
+        if pending is not None:
+            # Never awaited now: close it so it does not warn.
+            (getattr(pending, "close", None) or getattr(pending, "cancel", lambda: None))()
+        transport.send_close(CLOSE_POLICY_VIOLATION, b"too many connections from this address")
+        transport.disconnect()
+        return False
+
+    def _over_rate(self, connection: ServerConnection) -> bool:
+        """Spend a token for one message; past the limit, error frame and close 1008."""
+        if self.bucket.take():  # type: ignore[union-attr]
+            return False
+        connection.send_message(ErrorFrame(RATE_LIMITED_CODE, "message rate limit exceeded"))
+        connection.close(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+        self.server._events.emit("connection:rate-limited", ConnectionRefusedEvent("rate", self.address, connection.id))
+        return True
+
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         connection = self.connection
         if connection is None:
@@ -119,6 +169,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             if frame.fin:
                 if self.fragments is not None:
                     connection.close(1002, "expected a continuation frame")
+                    return
+                if self.bucket is not None and self._over_rate(connection):
                     return
                 connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
             else:
@@ -135,6 +187,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 return
             if frame.fin:
                 payload, self.fragments = bytes(self.fragments), None
+                if self.bucket is not None and self._over_rate(connection):
+                    return
                 connection.receive_message(payload, self.fragments_binary)
         elif msg_type == _PONG:
             connection.pong_received()
@@ -146,6 +200,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if self.address is not None:
+            self.server.admission.release(self.address)  # type: ignore[union-attr]
+            self.address = None
         connection = self.connection
         if connection is None:
             return
@@ -159,6 +216,15 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             connection.disconnected(_close_code(info.code) or CLOSE_NO_STATUS, info.reason or "")
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRefusedEvent:
+    """An upgrade or a connection refused by the admission controls (reason: origin, address_cap, rate)."""
+
+    reason: str
+    address: Optional[str]
+    connection_id: Optional[str] = None
 
 
 class _Control:
@@ -201,6 +267,7 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        admission: Optional[AdmissionPolicy] = None,
     ) -> None:
         self.manager = manager
         self.authenticate = authenticate
@@ -210,6 +277,7 @@ class RealtimeServer:
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
+        self.admission = admission if admission is not None and admission.active else None
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
         self._hub = ServerHub(
@@ -246,7 +314,8 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        """Listen to ``connection:opened|closed|overflow``, ``replay:write-failed``,
+        ``connection:refused`` or ``connection:rate-limited`` (a :class:`ConnectionRefusedEvent`)."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -362,6 +431,10 @@ class RealtimeServer:
         if headers.get("sec-websocket-version") != "13":
             # RFC 6455 §4.4: name the version we speak. (picows would also take 7 and 8.)
             return _upgrade_required()
+        admission = self.admission
+        if admission is not None and not admission.origin_allowed(headers):
+            self._events.emit("connection:refused", ConnectionRefusedEvent("origin", None))
+            return _forbidden()
         upgrade = UpgradeRequest(
             path=target,
             query=query_parameters(parts.query),
@@ -373,12 +446,13 @@ class RealtimeServer:
         except Exception:
             logger.debug("authenticate raised; answering 401", exc_info=True)
             return _unauthorized()
+        forwarded_for = headers.getall("x-forwarded-for", ()) if admission is not None else ()
         if inspect.isawaitable(context):
             # picows cannot await here: upgrade now, hold frames until it resolves.
-            return _Listener(self, None, context)
+            return _Listener(self, None, context, forwarded_for)
         if not context:
             return _unauthorized()
-        return _Listener(self, context, None)
+        return _Listener(self, context, None, forwarded_for)
 
     def _answer_http(self, path: str, query: str, target: str, headers: Any) -> Any:
         """A request that is not an upgrade of the WebSocket path: a plain route, or 404."""
@@ -434,6 +508,12 @@ def _upgrade_required() -> Any:
     )
 
 
+def _forbidden() -> Any:
+    return picows.WSUpgradeResponseWithListener(
+        picows.WSUpgradeResponse.create_error_response(HTTPStatus.FORBIDDEN, b"403 Forbidden: origin not allowed"), None
+    )
+
+
 def _unauthorized() -> Any:
     return picows.WSUpgradeResponseWithListener(
         picows.WSUpgradeResponse.create_error_response(HTTPStatus.UNAUTHORIZED, b"401 Unauthorized"), None
@@ -459,6 +539,11 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    allowed_origins: Optional[Iterable[str]] = None,
+    max_messages_per_second: Optional[float] = None,
+    message_burst: Optional[int] = None,
+    max_connections_per_address: Optional[int] = None,
+    trusted_proxies: Iterable[str] = (),
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -471,6 +556,15 @@ async def attach_realtime_server(
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
     to answer the close handshake before it is dropped.
+
+    Admission controls (all off by default; see ``server/admission.py``):
+    ``allowed_origins`` answers 403 to a browser upgrade from another
+    ``Origin`` before ``authenticate`` runs; ``max_messages_per_second``
+    (with ``message_burst``, default twice the rate) closes a connection
+    that sends faster with an ``error`` frame and 1008;
+    ``max_connections_per_address`` closes connections past that many from
+    one client address with 1008, the address read from ``X-Forwarded-For``
+    when the peer is in ``trusted_proxies`` (CIDRs).
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -495,6 +589,13 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        admission=AdmissionPolicy(
+            allowed_origins=allowed_origins,
+            max_messages_per_second=max_messages_per_second,
+            message_burst=message_burst,
+            max_connections_per_address=max_connections_per_address,
+            trusted_proxies=trusted_proxies,
+        ),
     )
     await server._start(host, port, sock)
     return server
