@@ -13,15 +13,18 @@ reports, so nothing here runs per delivery:
   ``replay:write-failed``;
 * the manager's events: one broadcast per transaction, update or removal;
 * the registry's ``fanout_observer``: called once per fan-out with the
-  number of subscribers reached, so a broadcast to 1,000 subscribers is two
-  counter increments, not 1,000;
+  number of subscribers reached, so a broadcast to 1,000 subscribers costs
+  the same as one to a single subscriber;
 * the hub's ``propose_observer`` (outcome and duration of each proposal) and
   ``send_observer`` (bytes of frames sent to one connection);
 * a thin wrapper around the replay store's ``entries_since`` (replayed or
   not found);
 * the Redis registry's ``on_error`` (wrapped, so its log line stays).
 
-Subscriptions are counted when scraped (a sum over the open connections).
+The broadcast path only adds to plain integers (broadcasts, deliveries,
+bytes); they are moved into the Prometheus counters when scraped (and every
+second with several workers), as is the subscription gauge (a sum over the
+open connections). So the fan-out never takes prometheus-client's locks.
 
 With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set, as
 ``safe-fast serve --workers N`` does), prometheus-client keeps each
@@ -135,10 +138,10 @@ class ServerMetrics:
         for reason in ("origin", "address_cap"):
             self.admission_refusals.labels(reason)
         self._server: Any = None
-        # Prebound for the hot-ish paths: one call, no label lookup.
-        self._inc_broadcasts = self.broadcasts.inc
-        self._inc_deliveries = self.deliveries.inc
-        self._inc_bytes = self.bytes_sent.inc
+        # Counted on the broadcast path, moved into the counters by refresh().
+        self._broadcasts = 0
+        self._deliveries = 0
+        self._bytes = 0
         self._observe_propose = self.propose_seconds.observe
         self._proposal_outcomes = {outcome: self.proposals.labels(outcome).inc for outcome in ("accepted", "rejected", "error")}
 
@@ -158,7 +161,7 @@ class ServerMetrics:
             server.manager.on(event, self._broadcast)
         server.registry.fanout_observer = self._fanned_out
         hub.propose_observer = self._proposed
-        hub.send_observer = self._inc_bytes
+        hub.send_observer = self._sent
         hub.replay_store = _CountingReplayStore(hub.replay_store, self.replay_requests)
         on_error = getattr(server.registry, "on_error", None)
         if on_error is not None:
@@ -174,11 +177,14 @@ class ServerMetrics:
         self.connections_closed.labels(str(event.code)).inc()
 
     def _broadcast(self, event: Any) -> None:
-        self._inc_broadcasts()
+        self._broadcasts += 1
 
     def _fanned_out(self, deliveries: int, frame_bytes: int) -> None:
-        self._inc_deliveries(deliveries)
-        self._inc_bytes(deliveries * frame_bytes)
+        self._deliveries += deliveries
+        self._bytes += deliveries * frame_bytes
+
+    def _sent(self, frame_bytes: int) -> None:
+        self._bytes += frame_bytes
 
     def _proposed(self, outcome: str, seconds: float) -> None:
         self._proposal_outcomes[outcome]()
@@ -194,7 +200,15 @@ class ServerMetrics:
     # exposition
 
     def refresh(self) -> None:
-        """Bring the gauges read at scrape time up to date."""
+        """Move what the broadcast path counted into the counters; bring the gauges up to date."""
+        broadcasts, deliveries, sent = self._broadcasts, self._deliveries, self._bytes
+        self._broadcasts = self._deliveries = self._bytes = 0
+        if broadcasts:
+            self.broadcasts.inc(broadcasts)
+        if deliveries:
+            self.deliveries.inc(deliveries)
+        if sent:
+            self.bytes_sent.inc(sent)
         server = self._server
         if server is not None:
             self.subscriptions.set(sum(len(connection.subscriptions) for connection in server._hub.connections.values()))
