@@ -12,8 +12,10 @@ every subscriber on every worker gets every broadcast) and the metrics
 directory (``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics``
 answers for all of them).
 
-A worker that exits while the supervisor is not stopping is logged and
-started again, after a delay that doubles (up to 10 s) while workers keep
+A worker that exits with status 2 found a bad setting (the one line saying
+which is on stderr): nothing would fix it by restarting, so the supervisor
+stops the others and exits 2 too. A worker that exits otherwise while the
+supervisor is not stopping is logged and started again, after a delay that doubles (up to 10 s) while workers keep
 dying within 10 s of their start, so a crash loop does not spin. Workers run
 in their own session: a terminal's Ctrl-C reaches the supervisor only, and it
 forwards one SIGTERM to each worker (each then shuts down gracefully); a
@@ -82,6 +84,12 @@ def supervise(settings: Settings, argv: list[str]) -> int:
         settings.host,
         settings.port,
     )
+    if settings.store_url.startswith("memory:"):
+        logger.warning(
+            "store_url is %s: each worker holds its own copy of every ShareData;"
+            " proposals through different workers make different histories",
+            settings.store_url,
+        )
     try:
         for worker in workers:
             spawn(worker)
@@ -91,6 +99,11 @@ def supervise(settings: Settings, argv: list[str]) -> int:
                 process = worker.process
                 if process is not None and process.poll() is not None:
                     _forget_metrics(process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
+                    if process.returncode == 2:
+                        logger.error("worker %d found a bad setting; stopping", worker.index)
+                        worker.process = None
+                        _stop(workers, settings.shutdown_timeout, signals, env["PROMETHEUS_MULTIPROC_DIR"])
+                        return 2
                     lived = now - worker.started
                     worker.restart_delay = (
                         0.0 if lived >= _STABLE_AFTER else min(_MAX_RESTART_DELAY, max(0.5, worker.restart_delay * 2))
@@ -108,6 +121,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
                 if worker.process is None and worker.restart_at is not None and now >= worker.restart_at:
                     spawn(worker)
             time.sleep(_POLL_SECONDS)
+        logger.info("received %s: stopping %d workers", signal.Signals(signals[0]).name, len(workers))
         return _stop(workers, settings.shutdown_timeout, signals, env["PROMETHEUS_MULTIPROC_DIR"])
     finally:
         for signum, handler in previous.items():
@@ -116,15 +130,15 @@ def supervise(settings: Settings, argv: list[str]) -> int:
 
 
 def _stop(workers: list[_Worker], timeout: float, signals: list[int], metrics_dir: str) -> int:
-    """SIGTERM every worker, wait (bounded) for them; a second signal kills them."""
-    logger.info("received %s: stopping %d workers", signal.Signals(signals[0]).name, len(workers))
+    """SIGTERM every worker, wait (bounded) for them; a signal arriving meanwhile kills them."""
+    already = len(signals)
     running = [worker.process for worker in workers if worker.process is not None]
     for process in running:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout + 2.0
     status = 0
-    while running and time.monotonic() < deadline and len(signals) < 2:
+    while running and time.monotonic() < deadline and len(signals) == already:
         for process in list(running):
             if process.poll() is not None:
                 running.remove(process)
@@ -137,8 +151,8 @@ def _stop(workers: list[_Worker], timeout: float, signals: list[int], metrics_di
         process.kill()
         process.wait()
         status = 1
-    if len(signals) >= 2:
-        return 128 + signals[1]
+    if len(signals) > already:
+        return 128 + signals[-1]
     return status
 
 

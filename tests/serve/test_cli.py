@@ -165,3 +165,14 @@ def test_a_port_in_use_exits_2_naming_the_port() -> None:
 def test_no_command_is_a_usage_error() -> None:
     result = run_command([])
     assert result.returncode == 2 and "give a command" in result.stderr
+
+
+def test_workers_that_cannot_listen_stop_the_supervisor_with_exit_2() -> None:
+    with socket.socket() as taken:  # bound without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_command(["serve", COUNTER, "--port", str(port), "--workers", "2", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert result.returncode == 2, result.stderr
+    assert f"safe-fast: error: port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "found a bad setting; stopping" in result.stderr
