@@ -252,6 +252,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _host, "127.0.0.1", "address to listen on", "ADDR"),
     Option("port", _integer(0), 8000, "TCP port (0: any free port)", "PORT"),
     Option("path", _path, "/realtime", "WebSocket path", "PATH"),
+    Option("ssl_certfile", _nonempty, None, "PEM certificate chain: serve wss:// (and https health) itself", "FILE"),
+    Option("ssl_keyfile", _nonempty, None, "PEM private key of ssl_certfile", "FILE"),
     # shared state
     Option("store_url", _store_url, "memory://", "where ShareData lives (memory://)", "URL", secret=True),
     Option("redis_url", _redis_url, None, "Redis for fan-out and replay across processes and nodes", "URL", secret=True),
@@ -549,6 +551,9 @@ def load_settings(
 
 def _check_together(settings: Settings) -> None:
     """Checks that involve more than one setting, or the platform."""
+    if bool(settings.values["ssl_certfile"]) != bool(settings.values["ssl_keyfile"]):
+        given, missing = ("ssl_certfile", "ssl_keyfile") if settings.values["ssl_certfile"] else ("ssl_keyfile", "ssl_certfile")
+        raise ConfigError(missing, f"needed with {given}", settings.sources[given])
     if settings.values["shutdown_delay"] >= settings.values["shutdown_timeout"]:
         raise ConfigError(
             "shutdown_delay",

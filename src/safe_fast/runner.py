@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import ssl as ssl_module
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Optional
@@ -106,6 +107,7 @@ class Prepared:
     manager: ShareDataManager
     hooks: dict[str, Any]
     redis: Any = None
+    ssl: Optional[ssl_module.SSLContext] = None
     jwks_refresh: Optional[Callable[[], Awaitable[None]]] = None
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
@@ -147,6 +149,8 @@ async def prepare(settings: Settings) -> Prepared:
             "nothing authenticates connections: configure jwt_issuers or have the app return an authenticate hook",
         )
     hooks.setdefault("resolve_function", create_id_based_function_resolver(manager))
+    if settings.ssl_certfile:
+        prepared.ssl = _server_ssl_context(settings)
     if settings.redis_url:
         try:
             import redis.asyncio as redis_asyncio
@@ -159,6 +163,18 @@ async def prepare(settings: Settings) -> Prepared:
         except ValueError as exc:
             raise ConfigError("redis_url", str(exc), settings.sources["redis_url"]) from None
     return prepared
+
+
+def _server_ssl_context(settings: Settings) -> ssl_module.SSLContext:
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        if not os.access(settings.values[key], os.R_OK):
+            raise ConfigError(key, f"cannot read {settings.values[key]}", settings.sources[key])
+    context = ssl_module.create_default_context(ssl_module.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    except (OSError, ssl_module.SSLError) as exc:
+        raise ConfigError("ssl_certfile", f"cannot load the certificate and key: {exc}", settings.sources["ssl_certfile"]) from None
+    return context
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -218,6 +234,7 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
         max_message_size=settings.max_message_size,
         close_on_token_expiry=settings.close_on_token_expiry,
         close_timeout=settings.close_timeout,
+        ssl=prepared.ssl,
         allowed_origins=settings.allowed_origins or None,
         max_messages_per_second=settings.message_rate_limit or None,
         message_burst=settings.message_burst,

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -71,8 +72,17 @@ def start_command(args: Sequence[str], env: Optional[dict[str, str]] = None, cwd
 class Serve:
     """One ``safe-fast serve`` subprocess on 127.0.0.1:``port``."""
 
-    def __init__(self, app: str, *args: str, port: Optional[int] = None, env: Optional[dict[str, str]] = None, log: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        app: str,
+        *args: str,
+        port: Optional[int] = None,
+        env: Optional[dict[str, str]] = None,
+        log: Optional[Path] = None,
+        scheme: str = "http",
+    ) -> None:
         self.app = app
+        self.scheme = scheme
         self.args = list(args)
         self.port = port or free_port()
         self.env = env
@@ -85,7 +95,7 @@ class Serve:
         return f"ws://127.0.0.1:{self.port}/realtime"
 
     def http(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def start(self, wait: bool = True) -> "Serve":
         args = ["serve", self.app, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
@@ -109,7 +119,7 @@ class Serve:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"safe-fast serve exited with {self.proc.returncode}: {self.output()}")
-            if http_get(self.http("/readyz"))[0] == 200:
+            if http_get(self.http("/readyz"), context=_UNVERIFIED)[0] == 200:
                 return
             time.sleep(0.05)
         raise AssertionError(f"safe-fast serve did not become ready: {self.output()}")
@@ -145,11 +155,15 @@ class Serve:
             self._log_file = None
 
 
-def http_get(url: str, headers: Optional[dict[str, str]] = None) -> tuple[int, str]:
+_UNVERIFIED = ssl._create_unverified_context()
+"""Only to poll a test server's readiness; the TLS test verifies its certificate."""
+
+
+def http_get(url: str, headers: Optional[dict[str, str]] = None, context: Optional[ssl.SSLContext] = None) -> tuple[int, str]:
     """(status, body) of a GET; (0, why) when nothing answers."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=2.0) as response:
+        with urllib.request.urlopen(request, timeout=2.0, context=context) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

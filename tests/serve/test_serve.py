@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
+import ssl
+import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -171,5 +174,30 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         await eventually(lambda: http_get(serve.http("/readyz"))[0] == 503, "readyz 503")
         serve.signal(signal.SIGINT)
         assert await asyncio.to_thread(serve.wait, 3.0) == 128 + signal.SIGINT
+    finally:
+        await asyncio.to_thread(serve.stop)
+
+
+async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not on PATH")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    # fmt: off
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    # fmt: on
+    serve = Serve("safe_fast.examples.counter:app", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), scheme="https")
+    await asyncio.to_thread(serve.start)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        assert http_get(serve.http("/healthz"), context=context) == (200, '{"status":"ok"}')
+        ws, state = await subscribed(serve.url.replace("ws://", "wss://"), ssl=context)
+        assert state["currentState"] == {"count": 0}
+        await ws.close()
     finally:
         await asyncio.to_thread(serve.stop)
