@@ -57,18 +57,6 @@ def run_command(args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: 
     )
 
 
-def start_command(args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> subprocess.Popen[str]:
-    """``python -m safe_fast ARGS`` in the background (stderr captured)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "safe_fast", *args],
-        env=command_env(env),
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 class Serve:
     """One ``safe-fast serve`` subprocess on 127.0.0.1:``port``."""
 
@@ -195,10 +183,6 @@ async def eventually(predicate: Callable[[], Any], what: str, timeout: float = D
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-async def get_async(url: str) -> tuple[int, str]:
-    return await asyncio.to_thread(http_get, url)
 
 
 # -- WebSocket clients -----------------------------------------------------------------------

@@ -19,7 +19,6 @@ from serve_helpers import (
     closed_with,
     connect,
     eventually,
-    get_async,
     http_get,
     metrics,
     recv_type,
@@ -167,7 +166,9 @@ async def test_sigterm_finishes_proposals_closes_with_1001_and_clients_resume(tm
 
 
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
-    serve = Serve("serve_apps:slow", "--shutdown-delay", "5", "--shutdown-timeout", "9", log=tmp_path / "serve.log")
+    serve = Serve(
+        "serve_apps:slow", "--shutdown-delay", "5", "--shutdown-timeout", "9", "--log-format", "json", log=tmp_path / "serve.log"
+    )
     await asyncio.to_thread(serve.start)
     try:
         serve.signal(signal.SIGTERM)
@@ -176,6 +177,10 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         assert await asyncio.to_thread(serve.wait, 3.0) == 128 + signal.SIGINT
     finally:
         await asyncio.to_thread(serve.stop)
+    records = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]  # JSON lines
+    messages = [(record["level"], record["message"]) for record in records]
+    assert ("info", "received SIGTERM: shutting down gracefully") in messages
+    assert ("warning", "second signal (SIGINT): exiting now") in messages
 
 
 async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -> None:

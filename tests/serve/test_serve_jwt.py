@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.exceptions import InvalidStatus
 
-from serve_helpers import Serve, closed_with, connect, recv_type, subscribed, wire
+from serve_helpers import Serve, closed_with, connect, recv_type, wire
 
 pytestmark = pytest.mark.timeout(60)
 
