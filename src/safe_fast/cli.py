@@ -43,8 +43,6 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (values are checked by load_settings, which names the key)."""
     group = parser.add_argument_group("settings (flag > SAFE_FAST_<NAME> > --config file > default)")
     for option in OPTIONS:
-        if not option.flag:
-            continue
         if option.boolean:
             group.add_argument(
                 option.cli,

@@ -27,7 +27,7 @@ import ipaddress
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -233,7 +233,6 @@ class Option:
     help: str
     metavar: str = ""
     secret: bool = False
-    flag: bool = True
     boolean: bool = False
 
     @property
@@ -396,7 +395,6 @@ class Settings:
     jwt_issuers: tuple[IssuerSettings, ...] = ()
     issuers_source: str = "default"
     config_file: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values")

@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, mask_url
 from .health import Readiness
 from .registry import InMemoryChannelRegistry
 from .replay import InMemoryReplayStore
@@ -347,12 +347,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False, watch_parent: O
         settings.app,
         server.url,
         os.getpid(),
-        "redis " + _masked(settings.redis_url) if settings.redis_url else "in-memory fan-out",
+        "redis " + mask_url(settings.redis_url) if settings.redis_url else "in-memory fan-out",
     )
     return await run_until_signal(running, watch_parent=watch_parent)
-
-
-def _masked(url: Optional[str]) -> str:
-    from .config import mask_url
-
-    return mask_url(url or "")
