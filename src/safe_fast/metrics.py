@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 
-:class:`ServerMetrics` holds the series (names in :data:`SERIES` and in
-docs/deploy.md) and :meth:`ServerMetrics.install` wires them to a
+:class:`ServerMetrics` holds the series (listed in docs/deploy.md) and
+:meth:`ServerMetrics.install` wires them to a
 :class:`~safe_fast.server.RealtimeServer` through what the server already
 reports, so nothing here runs per delivery:
 
@@ -42,27 +42,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .server.http import HttpResponse
 
-__all__ = ["ServerMetrics", "SERIES", "PROPOSE_BUCKETS"]
+__all__ = ["ServerMetrics", "PROPOSE_BUCKETS"]
 
 PROPOSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Histogram buckets of ``safe_fast_propose_seconds``: a rule is usually sub-millisecond."""
-
-SERIES = (
-    "safe_fast_connections",
-    "safe_fast_subscriptions",
-    "safe_fast_connections_closed_total",
-    "safe_fast_broadcasts_total",
-    "safe_fast_deliveries_total",
-    "safe_fast_bytes_sent_total",
-    "safe_fast_overflow_closes_total",
-    "safe_fast_replay_requests_total",
-    "safe_fast_proposals_total",
-    "safe_fast_propose_seconds",
-    "safe_fast_redis_errors_total",
-    "safe_fast_replay_write_failures_total",
-    "safe_fast_rate_limited_total",
-    "safe_fast_admission_refusals_total",
-)
 
 
 def _multiprocess_dir() -> Optional[str]:
@@ -74,60 +57,31 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         registry = self.registry = CollectorRegistry(auto_describe=True)
-        gauge_mode = {"multiprocess_mode": "livesum"}
-        self.connections = Gauge(
-            "safe_fast_connections", "Open WebSocket connections.", registry=registry, **gauge_mode
-        )
-        self.subscriptions = Gauge(
-            "safe_fast_subscriptions", "Subscriptions of the open connections.", registry=registry, **gauge_mode
-        )
-        self.connections_closed = Counter(
-            "safe_fast_connections_closed",
-            "Connections closed, by WebSocket close code.",
-            ["code"],
-            registry=registry,
-        )
-        self.broadcasts = Counter(
-            "safe_fast_broadcasts", "Broadcasts issued by this server (one per change of a ShareData).", registry=registry
-        )
-        self.deliveries = Counter(
-            "safe_fast_deliveries", "Broadcast frames queued to subscribers (one per subscriber reached).", registry=registry
-        )
-        self.bytes_sent = Counter(
-            "safe_fast_bytes_sent", "Bytes of WebSocket data frames queued to clients.", registry=registry
-        )
-        self.overflow_closes = Counter(
-            "safe_fast_overflow_closes", "Connections closed with 4001 for falling behind.", registry=registry
-        )
-        self.replay_requests = Counter(
-            "safe_fast_replay_requests",
-            "Subscribes with a resume cursor, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self.proposals = Counter(
-            "safe_fast_proposals", "Proposals answered, by outcome.", ["outcome"], registry=registry
-        )
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, labels, registry=registry)
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            # Summed over the live workers when there are several.
+            return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
+
+        self.connections = gauge("safe_fast_connections", "Open WebSocket connections.")
+        self.subscriptions = gauge("safe_fast_subscriptions", "Subscriptions of the open connections.")
+        self.connections_closed = counter("safe_fast_connections_closed", "Connections closed, by WebSocket close code.", "code")
+        self.broadcasts = counter("safe_fast_broadcasts", "Broadcasts issued by this server (one per change of a ShareData).")
+        self.deliveries = counter("safe_fast_deliveries", "Broadcast frames queued to subscribers (one per subscriber reached).")
+        self.bytes_sent = counter("safe_fast_bytes_sent", "Bytes of WebSocket data frames queued to clients.")
+        self.overflow_closes = counter("safe_fast_overflow_closes", "Connections closed with 4001 for falling behind.")
+        self.replay_requests = counter("safe_fast_replay_requests", "Subscribes with a resume cursor, by outcome.", "outcome")
+        self.proposals = counter("safe_fast_proposals", "Proposals answered, by outcome.", "outcome")
         self.propose_seconds = Histogram(
-            "safe_fast_propose_seconds",
-            "Time from a proposal's turn to its answer.",
-            buckets=PROPOSE_BUCKETS,
-            registry=registry,
+            "safe_fast_propose_seconds", "Time from a proposal's turn to its answer.", buckets=PROPOSE_BUCKETS, registry=registry
         )
-        self.redis_errors = Counter(
-            "safe_fast_redis_errors", "Failures reported by the Redis channel registry.", registry=registry
-        )
-        self.replay_write_failures = Counter(
-            "safe_fast_replay_write_failures", "Replay-store writes that failed.", registry=registry
-        )
-        self.rate_limited = Counter(
-            "safe_fast_rate_limited", "Connections closed (1008) for sending messages too fast.", registry=registry
-        )
-        self.admission_refusals = Counter(
-            "safe_fast_admission_refusals",
-            "Upgrades refused before authentication, by reason.",
-            ["reason"],
-            registry=registry,
+        self.redis_errors = counter("safe_fast_redis_errors", "Failures reported by the Redis channel registry.")
+        self.replay_write_failures = counter("safe_fast_replay_write_failures", "Replay-store writes that failed.")
+        self.rate_limited = counter("safe_fast_rate_limited", "Connections closed (1008) for sending messages too fast.")
+        self.admission_refusals = counter(
+            "safe_fast_admission_refusals", "Connections refused by the admission controls, by reason.", "reason"
         )
         # Every labelled series exists from the start (a rate over a series
         # that appears late misses its first increments).
