@@ -245,7 +245,8 @@ class Option:
 
 
 # The option table. Grouped as the help output shows them; a new setting is a
-# new line here (and, if the server takes it, one more keyword in runner.py).
+# new line here (and, if the server takes it, one more entry in
+# runner.server_options).
 OPTIONS: tuple[Option, ...] = (
     # where to listen
     Option("host", _host, "127.0.0.1", "address to listen on", "ADDR"),

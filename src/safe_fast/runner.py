@@ -192,6 +192,25 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The ``attach_realtime_server`` keywords that come straight from settings (0 or empty: the server's off)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "path": settings.path,
+        "max_buffered_bytes": settings.max_buffered_bytes,
+        "heartbeat_interval": settings.heartbeat_interval or None,
+        "max_message_size": settings.max_message_size,
+        "close_on_token_expiry": settings.close_on_token_expiry,
+        "close_timeout": settings.close_timeout,
+        "allowed_origins": settings.allowed_origins or None,
+        "max_messages_per_second": settings.message_rate_limit or None,
+        "message_burst": settings.message_burst,
+        "max_connections_per_address": settings.max_connections_per_address or None,
+        "trusted_proxies": settings.trusted_proxies,
+    }
+
+
 @dataclass
 class Running:
     server: RealtimeServer
@@ -223,23 +242,11 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
     sock = reuse_port_socket(settings.host, settings.port) if reuse_port else None
     server = await attach_realtime_server(
         manager=prepared.manager,
-        host=settings.host,
-        port=settings.port,
         sock=sock,
-        path=settings.path,
         registry=registry,
         replay_store=replay_store,
-        max_buffered_bytes=settings.max_buffered_bytes,
-        heartbeat_interval=settings.heartbeat_interval or None,
-        max_message_size=settings.max_message_size,
-        close_on_token_expiry=settings.close_on_token_expiry,
-        close_timeout=settings.close_timeout,
         ssl=prepared.ssl,
-        allowed_origins=settings.allowed_origins or None,
-        max_messages_per_second=settings.message_rate_limit or None,
-        message_burst=settings.message_burst,
-        max_connections_per_address=settings.max_connections_per_address or None,
-        trusted_proxies=settings.trusted_proxies,
+        **server_options(settings),
         **prepared.hooks,
     )
     readiness = Readiness(checks).install(server)
