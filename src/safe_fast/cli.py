@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
-from .config import OPTIONS, ConfigError, Settings, load_settings
+from .config import OPTIONS, ConfigError, Settings, load_settings, unknown_variables
 
 __all__ = ["main", "build_parser", "setup_logging"]
 
@@ -131,6 +131,8 @@ def _serve(settings: Settings, argv: Sequence[str]) -> int:
     from .server import use_uvloop
 
     setup_logging(settings.log_level, settings.log_format)
+    for name in unknown_variables():
+        logging.getLogger("safe_fast.serve").warning("ignoring %s: no setting has that name", name)
     worker_of = os.environ.get(WORKER_ENV)
     if settings.workers > 1 and not worker_of:
         from .supervisor import supervise

@@ -40,6 +40,7 @@ __all__ = [
     "ENV_PREFIX",
     "load_settings",
     "mask_url",
+    "unknown_variables",
 ]
 
 ENV_PREFIX = "SAFE_FAST_"
@@ -546,6 +547,18 @@ def load_settings(
     )
     _check_together(settings)
     return settings
+
+
+_OTHER_VARIABLES = frozenset(
+    ENV_PREFIX + name for name in ("APP", "CONFIG", "JWT_ISSUERS", "PURE_PYTHON", "REQUIRE_COMPILED", "WORKER_OF")
+)
+
+
+def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """``SAFE_FAST_*`` variables that name no setting (a typo is otherwise silently ignored)."""
+    env = os.environ if environ is None else environ
+    known = _OTHER_VARIABLES | {option.env for option in OPTIONS}
+    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
 
 
 def _check_together(settings: Settings) -> None:

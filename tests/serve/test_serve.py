@@ -167,8 +167,11 @@ async def test_sigterm_finishes_proposals_closes_with_1001_and_clients_resume(tm
 
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     serve = Serve(
-        "serve_apps:slow", "--shutdown-delay", "5", "--shutdown-timeout", "9", "--log-format", "json", log=tmp_path / "serve.log"
-    )
+        "serve_apps:slow",
+        "--shutdown-delay", "5", "--shutdown-timeout", "9", "--log-format", "json",
+        env={"SAFE_FAST_PROT": "9000"},  # a typo of a setting's variable
+        log=tmp_path / "serve.log",
+    )  # fmt: skip
     await asyncio.to_thread(serve.start)
     try:
         serve.signal(signal.SIGTERM)
@@ -181,6 +184,7 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     messages = [(record["level"], record["message"]) for record in records]
     assert ("info", "received SIGTERM: shutting down gracefully") in messages
     assert ("warning", "second signal (SIGINT): exiting now") in messages
+    assert ("warning", "ignoring SAFE_FAST_PROT: no setting has that name") in messages
 
 
 async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -> None:
