@@ -308,6 +308,7 @@ class IssuerSettings:
     algorithms: tuple[str, ...] = ()
     kid: Optional[str] = None
     jwks_min_refresh_interval: float = 1.0
+    jwks_refresh_interval: float = 300.0
 
     def describe(self) -> str:
         """How it is shown by ``safe-fast config`` (the secret's variable name, never the secret)."""
@@ -330,6 +331,7 @@ _ISSUER_KEYS = {
     "algorithms",
     "kid",
     "jwks_min_refresh_interval",
+    "jwks_refresh_interval",
 }
 
 
@@ -358,11 +360,12 @@ def _issuer(index: int, table: Any) -> IssuerSettings:
             values["algorithms"] = _string_list(table["algorithms"])
         except ValueError as exc:
             raise ConfigError(f"{key}.algorithms", str(exc)) from None
-    if "jwks_min_refresh_interval" in table:
-        try:
-            values["jwks_min_refresh_interval"] = _number(0)(table["jwks_min_refresh_interval"])
-        except ValueError as exc:
-            raise ConfigError(f"{key}.jwks_min_refresh_interval", str(exc)) from None
+    for name in ("jwks_min_refresh_interval", "jwks_refresh_interval"):
+        if name in table:
+            try:
+                values[name] = _number(0, above=name == "jwks_refresh_interval")(table[name])
+            except ValueError as exc:
+                raise ConfigError(f"{key}.{name}", str(exc)) from None
     sources = [name for name in ("public_key_file", "hmac_secret_env", "jwks_url") if name in values]
     if len(sources) != 1:
         raise ConfigError(key, "needs exactly one of public_key_file, hmac_secret_env, jwks_url")

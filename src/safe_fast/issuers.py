@@ -22,7 +22,9 @@ resolves). The coroutine refreshes the set in a thread, registers new keys,
 drops keys the set no longer lists, and verifies the token again. Refreshes
 of one issuer are coalesced (one at a time) and happen at most once per
 ``jwks_min_refresh_interval`` seconds, so a stream of tokens with made-up
-``kid`` values costs at most one fetch per interval.
+``kid`` values costs at most one fetch per interval. The set is also fetched
+every ``jwks_refresh_interval`` seconds (default 300), so a key the issuer
+withdraws stops verifying tokens even if no unknown ``kid`` ever shows up.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class JwksSource:
         self.issuer = settings.issuer
         self.algorithms = settings.algorithms
         self.min_refresh_interval = settings.jwks_min_refresh_interval
+        self.refresh_interval = settings.jwks_refresh_interval
         self.client = jwt.PyJWKClient(settings.jwks_url, cache_jwk_set=True, lifespan=300, timeout=fetch_timeout)
         self._refreshing: Optional[asyncio.Future[None]] = None
         self._last_refresh = -float("inf")
@@ -96,6 +99,12 @@ class JwksSource:
             await asyncio.shield(self._refreshing)
         finally:
             self._refreshing = None
+
+    async def refresh_periodically(self) -> None:
+        """Fetch the set every ``refresh_interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            await self.refresh(force=True)
 
     def _refresh_blocking(self) -> None:
         try:
@@ -165,6 +174,10 @@ class IssuerAuthenticator:
     async def refresh_all(self) -> None:
         """Fetch every JWKS now (at start-up); failures are logged, and retried on the first token."""
         await asyncio.gather(*(source.refresh(force=True) for source in self.sources.values()))
+
+    def start_periodic_refresh(self) -> list["asyncio.Task[None]"]:
+        """One task per JWKS issuer refreshing its keys; the caller cancels them."""
+        return [asyncio.ensure_future(source.refresh_periodically()) for source in self.sources.values()]
 
 
 def _token_of(request: Any) -> Optional[str]:

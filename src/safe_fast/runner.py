@@ -108,7 +108,7 @@ class Prepared:
     hooks: dict[str, Any]
     redis: Any = None
     ssl: Optional[ssl_module.SSLContext] = None
-    jwks_refresh: Optional[Callable[[], Awaitable[None]]] = None
+    issuers: Any = None
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
 
@@ -141,8 +141,7 @@ async def prepare(settings: Settings) -> Prepared:
             leeway=settings.jwt_leeway,
             require_exp=settings.jwt_require_exp,
         )
-        hooks["authenticate"] = authenticate
-        prepared.jwks_refresh = authenticate.refresh_all
+        hooks["authenticate"] = prepared.issuers = authenticate
     elif "authenticate" not in hooks:
         raise ConfigError(
             "jwt_issuers",
@@ -237,8 +236,8 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
     else:
         registry = InMemoryChannelRegistry()
         replay_store = InMemoryReplayStore(settings.replay_buffer_size)
-    if prepared.jwks_refresh is not None:
-        await prepared.jwks_refresh()
+    if prepared.issuers is not None:
+        await prepared.issuers.refresh_all()
     sock = reuse_port_socket(settings.host, settings.port) if reuse_port else None
     server = await attach_realtime_server(
         manager=prepared.manager,
@@ -251,6 +250,8 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
     )
     readiness = Readiness(checks).install(server)
     running = Running(server, readiness, prepared)
+    if prepared.issuers is not None:
+        running.tasks.extend(prepared.issuers.start_periodic_refresh())
     if settings.metrics:
         from .metrics import ServerMetrics
 

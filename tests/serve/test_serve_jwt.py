@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.exceptions import InvalidStatus
 
-from serve_helpers import Serve, closed_with, connect, recv_type, wire
+from serve_helpers import Serve, closed_with, connect, eventually, recv_type, wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,8 +84,8 @@ async def accepted(serve: Serve, jwt_token: str) -> bool:
     except InvalidStatus as exc:
         assert exc.response.status_code == 401
         return False
-    await ws.send(wire(type="subscribe", shareDataId="counter"))
-    try:
+    try:  # refused after the upgrade (an unknown kid waits for a JWKS refresh): closed with 4002
+        await ws.send(wire(type="subscribe", shareDataId="counter"))
         await recv_type(ws, "state")
     except Exception:
         code, _ = await closed_with(ws)
@@ -130,3 +130,20 @@ async def test_issuers_from_a_jwks_url_with_rotation_a_pem_file_and_an_hmac_secr
     finally:
         await asyncio.to_thread(serve.stop)
     assert SECRET not in (tmp_path / "serve.log").read_text()
+
+
+async def test_a_key_the_issuer_withdraws_stops_verifying_after_the_periodic_refresh(jwks: JwksEndpoint, tmp_path: Path) -> None:
+    old, new = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    jwks.publish(("old", old))
+    issuers = [{"issuer": JWKS_ISSUER, "jwks_url": jwks.url, "jwks_refresh_interval": 0.2, "jwks_min_refresh_interval": 60}]
+    serve = Serve("serve_apps:no_hooks", env={"SAFE_FAST_JWT_ISSUERS": json.dumps(issuers)}, log=tmp_path / "serve.log")
+    await asyncio.to_thread(serve.start)
+    try:
+        assert await accepted(serve, token(old, JWKS_ISSUER, "old"))
+        jwks.publish(("new", new))
+        fetches = jwks.fetches
+        await eventually(lambda: jwks.fetches >= fetches + 2, "periodic fetches")  # no token asked for them
+        assert not await accepted(serve, token(old, JWKS_ISSUER, "old"))
+        assert await accepted(serve, token(new, JWKS_ISSUER, "new"))
+    finally:
+        await asyncio.to_thread(serve.stop)
