@@ -160,9 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "config":
-            from .runner import load_app
+            from .runner import check_without_starting
 
-            load_app(settings.app)  # named wrong, it is a bad setting here too
+            check_without_starting(settings)
             _print_config(settings)
             return 0
         return _serve(settings, argv)

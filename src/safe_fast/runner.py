@@ -112,6 +112,26 @@ class Prepared:
     closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
 
+def _issuers(settings: Settings) -> Any:
+    from .issuers import build_issuer_authenticate
+
+    return build_issuer_authenticate(
+        settings.jwt_issuers,
+        audience=settings.jwt_audience,
+        leeway=settings.jwt_leeway,
+        require_exp=settings.jwt_require_exp,
+    )
+
+
+def check_without_starting(settings: Settings) -> None:
+    """What ``safe-fast config`` can check without calling the app or the network: the app's import, the key files, the secrets' variables, the certificate."""
+    load_app(settings.app)
+    if settings.jwt_issuers:
+        _issuers(settings)
+    if settings.ssl_certfile:
+        _server_ssl_context(settings)
+
+
 async def prepare(settings: Settings) -> Prepared:
     """Import and call the application, open the store, Redis and the issuers; ConfigError if any is wrong."""
     app = load_app(settings.app)
@@ -133,15 +153,7 @@ async def prepare(settings: Settings) -> Prepared:
                 "the app returns its own authenticate hook; configure JWT issuers or return authenticate, not both",
                 settings.issuers_source,
             )
-        from .issuers import build_issuer_authenticate
-
-        authenticate = build_issuer_authenticate(
-            settings.jwt_issuers,
-            audience=settings.jwt_audience,
-            leeway=settings.jwt_leeway,
-            require_exp=settings.jwt_require_exp,
-        )
-        hooks["authenticate"] = prepared.issuers = authenticate
+        hooks["authenticate"] = prepared.issuers = _issuers(settings)
     elif "authenticate" not in hooks:
         raise ConfigError(
             "jwt_issuers",

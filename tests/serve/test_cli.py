@@ -183,3 +183,11 @@ def test_workers_that_cannot_listen_stop_the_supervisor_with_exit_2() -> None:
     assert result.returncode == 2, result.stderr
     assert f"safe-fast: error: port: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "found a bad setting; stopping" in result.stderr
+
+
+def test_config_checks_key_files_and_secrets_without_starting(tmp_path: Path) -> None:
+    issuers = json.dumps([{"issuer": "i", "hmac_secret_env": "UNSET_SECRET_VAR"}])
+    result = run_command(["config", "serve_apps:raises"], env={"SAFE_FAST_JWT_ISSUERS": issuers})
+    # the app is imported, not called (it would raise); the secret's variable is checked
+    assert result.returncode == 2
+    assert result.stderr.strip() == "safe-fast: error: jwt_issuers[0].hmac_secret_env: environment variable UNSET_SECRET_VAR is not set"
