@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("config", "print the effective settings for APP and where each comes from (secrets masked)"),
     ):
         sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("app", nargs="?", metavar="APP", help="module:attribute of the application (e.g. safe_fast.examples.counter:app)")
+        sub.add_argument(
+            "app",
+            nargs="?",
+            metavar="APP",
+            help="module:attribute of the application (e.g. safe_fast.examples.counter:app)",
+        )
         sub.add_argument("--config", metavar="FILE", help="TOML settings file (also SAFE_FAST_CONFIG)")
         add_option_arguments(sub)
     return parser

@@ -257,10 +257,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("ssl_keyfile", _nonempty, None, "PEM private key of ssl_certfile", "FILE"),
     # shared state
     Option("store_url", _store_url, "memory://", "where ShareData lives (memory://)", "URL", secret=True),
-    Option("redis_url", _redis_url, None, "Redis for fan-out and replay across processes and nodes", "URL", secret=True),
+    Option(
+        "redis_url", _redis_url, None, "Redis for fan-out and replay across processes and nodes", "URL", secret=True
+    ),
     # the server's options (attach_realtime_server)
     Option("replay_buffer_size", _integer(1), 100, "transactions kept per ShareData for resuming clients", "N"),
-    Option("max_buffered_bytes", _integer(1), 1024 * 1024, "unsent bytes a client may fall behind before 4001", "BYTES"),
+    Option(
+        "max_buffered_bytes", _integer(1), 1024 * 1024, "unsent bytes a client may fall behind before 4001", "BYTES"
+    ),
     Option("heartbeat_interval", _number(0), 30.0, "seconds between pings (0: no heartbeat)", "SECONDS"),
     Option("max_message_size", _integer(1), 8 * 1024 * 1024, "largest client message (bigger closes 1009)", "BYTES"),
     Option(
@@ -269,13 +273,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("close_timeout", _number(0, above=True), 5.0, "seconds a closing client may take to answer", "SECONDS"),
     # admission
     Option("allowed_origins", _origins, (), "Origins allowed to connect (comma list; empty: any)", "ORIGINS"),
-    Option(
-        "message_rate_limit", _number(0), 200.0, "messages per second per connection (0: no limit)", "PER_SECOND"
-    ),
+    Option("message_rate_limit", _number(0), 200.0, "messages per second per connection (0: no limit)", "PER_SECOND"),
     Option("message_burst", _integer(1), 2000, "messages a connection may send at once above the rate", "N"),
-    Option(
-        "max_connections_per_address", _integer(0), 0, "concurrent connections per client address (0: no cap)", "N"
-    ),
+    Option("max_connections_per_address", _integer(0), 0, "concurrent connections per client address (0: no cap)", "N"),
     Option("trusted_proxies", _networks, (), "proxies whose X-Forwarded-For is believed (comma list of CIDRs)", "NETS"),
     # JWT authentication (issuers come from the TOML file or SAFE_FAST_JWT_ISSUERS)
     Option("jwt_audience", _nonempty, "sharedata", "the aud claim tokens must carry", "AUDIENCE"),
@@ -284,9 +284,7 @@ OPTIONS: tuple[Option, ...] = (
     # the process
     Option("workers", _integer(1), 1, "server processes sharing the port (SO_REUSEPORT; >1 needs redis_url)", "N"),
     Option("shutdown_timeout", _number(0, above=True), 10.0, "seconds a graceful shutdown may take", "SECONDS"),
-    Option(
-        "shutdown_delay", _number(0), 0.0, "seconds /readyz answers 503 before the listener closes", "SECONDS"
-    ),
+    Option("shutdown_delay", _number(0), 0.0, "seconds /readyz answers 503 before the listener closes", "SECONDS"),
     Option("metrics", _boolean, True, "serve Prometheus metrics at /metrics", boolean=True),
     Option("log_level", _choice("debug", "info", "warning", "error", "critical"), "info", "log level", "LEVEL"),
     Option("log_format", _choice("text", "json"), "text", "text lines or JSON lines", "FORMAT"),
@@ -567,7 +565,9 @@ def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[str]:
 def _check_together(settings: Settings) -> None:
     """Checks that involve more than one setting, or the platform."""
     if bool(settings.values["ssl_certfile"]) != bool(settings.values["ssl_keyfile"]):
-        given, missing = ("ssl_certfile", "ssl_keyfile") if settings.values["ssl_certfile"] else ("ssl_keyfile", "ssl_certfile")
+        given, missing = (
+            ("ssl_certfile", "ssl_keyfile") if settings.values["ssl_certfile"] else ("ssl_keyfile", "ssl_certfile")
+        )
         raise ConfigError(missing, f"needed with {given}", settings.sources[given])
     if settings.values["shutdown_delay"] >= settings.values["shutdown_timeout"]:
         raise ConfigError(
@@ -587,6 +587,8 @@ def _check_together(settings: Settings) -> None:
         import socket
 
         if not hasattr(socket, "SO_REUSEPORT"):
-            raise ConfigError("workers", "this platform has no SO_REUSEPORT; run one process per port", settings.sources["workers"])
+            raise ConfigError(
+                "workers", "this platform has no SO_REUSEPORT; run one process per port", settings.sources["workers"]
+            )
         if settings.values["port"] == 0:
             raise ConfigError("port", "several workers need a fixed port, not 0", settings.sources["port"])

@@ -37,7 +37,9 @@ _JSON = "application/json"
 class Readiness:
     """The answer of ``/readyz``, kept current by a background task."""
 
-    def __init__(self, checks: Optional[dict[str, HealthCheck]] = None, *, interval: float = 1.0, timeout: float = 2.0) -> None:
+    def __init__(
+        self, checks: Optional[dict[str, HealthCheck]] = None, *, interval: float = 1.0, timeout: float = 2.0
+    ) -> None:
         self.checks = dict(checks or {})
         self.interval = interval
         self.timeout = timeout

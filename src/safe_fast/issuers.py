@@ -137,7 +137,13 @@ class JwksSource:
 class IssuerAuthenticator:
     """An ``authenticate`` hook over the configured issuers, refreshing JWKS keys on an unknown ``kid``."""
 
-    def __init__(self, authorities: AuthorizedAuthorities, audience: str, sources: dict[str, JwksSource], verify: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        authorities: AuthorizedAuthorities,
+        audience: str,
+        sources: dict[str, JwksSource],
+        verify: Callable[[Any], Any],
+    ) -> None:
         self.authorities = authorities
         self.audience = audience
         self.sources = sources
@@ -213,7 +219,9 @@ def build_issuer_authenticate(
                 with open(entry.public_key_file, "rb") as file:
                     material: Any = file.read()
             except OSError as exc:
-                raise ConfigError(f"{key}.public_key_file", f"cannot read {entry.public_key_file}: {exc.strerror or exc}") from None
+                raise ConfigError(
+                    f"{key}.public_key_file", f"cannot read {entry.public_key_file}: {exc.strerror or exc}"
+                ) from None
             algorithms = entry.algorithms
             if not algorithms:
                 try:

@@ -67,19 +67,32 @@ class ServerMetrics:
 
         self.connections = gauge("safe_fast_connections", "Open WebSocket connections.")
         self.subscriptions = gauge("safe_fast_subscriptions", "Subscriptions of the open connections.")
-        self.connections_closed = counter("safe_fast_connections_closed", "Connections closed, by WebSocket close code.", "code")
-        self.broadcasts = counter("safe_fast_broadcasts", "Broadcasts issued by this server (one per change of a ShareData).")
-        self.deliveries = counter("safe_fast_deliveries", "Broadcast frames queued to subscribers (one per subscriber reached).")
+        self.connections_closed = counter(
+            "safe_fast_connections_closed", "Connections closed, by WebSocket close code.", "code"
+        )
+        self.broadcasts = counter(
+            "safe_fast_broadcasts", "Broadcasts issued by this server (one per change of a ShareData)."
+        )
+        self.deliveries = counter(
+            "safe_fast_deliveries", "Broadcast frames queued to subscribers (one per subscriber reached)."
+        )
         self.bytes_sent = counter("safe_fast_bytes_sent", "Bytes of WebSocket data frames queued to clients.")
         self.overflow_closes = counter("safe_fast_overflow_closes", "Connections closed with 4001 for falling behind.")
-        self.replay_requests = counter("safe_fast_replay_requests", "Subscribes with a resume cursor, by outcome.", "outcome")
+        self.replay_requests = counter(
+            "safe_fast_replay_requests", "Subscribes with a resume cursor, by outcome.", "outcome"
+        )
         self.proposals = counter("safe_fast_proposals", "Proposals answered, by outcome.", "outcome")
         self.propose_seconds = Histogram(
-            "safe_fast_propose_seconds", "Time from a proposal's turn to its answer.", buckets=PROPOSE_BUCKETS, registry=registry
+            "safe_fast_propose_seconds",
+            "Time from a proposal's turn to its answer.",
+            buckets=PROPOSE_BUCKETS,
+            registry=registry,
         )
         self.redis_errors = counter("safe_fast_redis_errors", "Failures reported by the Redis channel registry.")
         self.replay_write_failures = counter("safe_fast_replay_write_failures", "Replay-store writes that failed.")
-        self.rate_limited = counter("safe_fast_rate_limited", "Connections closed (1008) for sending messages too fast.")
+        self.rate_limited = counter(
+            "safe_fast_rate_limited", "Connections closed (1008) for sending messages too fast."
+        )
         self.admission_refusals = counter(
             "safe_fast_admission_refusals", "Connections refused by the admission controls, by reason.", "reason"
         )
@@ -97,7 +110,9 @@ class ServerMetrics:
         self._deliveries = 0
         self._bytes = 0
         self._observe_propose = self.propose_seconds.observe
-        self._proposal_outcomes = {outcome: self.proposals.labels(outcome).inc for outcome in ("accepted", "rejected", "error")}
+        self._proposal_outcomes = {
+            outcome: self.proposals.labels(outcome).inc for outcome in ("accepted", "rejected", "error")
+        }
 
     # wiring
 
@@ -165,7 +180,9 @@ class ServerMetrics:
             self.bytes_sent.inc(sent)
         server = self._server
         if server is not None:
-            self.subscriptions.set(sum(len(connection.subscriptions) for connection in server._hub.connections.values()))
+            self.subscriptions.set(
+                sum(len(connection.subscriptions) for connection in server._hub.connections.values())
+            )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series (of every worker, with several)."""

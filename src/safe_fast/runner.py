@@ -92,7 +92,9 @@ def _hooks_of(result: Any) -> dict[str, Any]:
     else:
         hooks = {name: getattr(result, name) for name in HOOKS if getattr(result, name, None) is not None}
         if not hooks:
-            raise ConfigError("app", f"returned a {type(result).__name__}; return None or a mapping of hooks ({', '.join(HOOKS)})")
+            raise ConfigError(
+                "app", f"returned a {type(result).__name__}; return None or a mapping of hooks ({', '.join(HOOKS)})"
+            )
     for name, hook in hooks.items():
         if hook is not None and not callable(hook):
             raise ConfigError("app", f"hook {name} is not callable")
@@ -124,7 +126,10 @@ def _issuers(settings: Settings) -> Any:
 
 
 def check_without_starting(settings: Settings) -> None:
-    """What ``safe-fast config`` can check without calling the app or the network: the app's import, the key files, the secrets' variables, the certificate."""
+    """What ``safe-fast config`` checks without calling the app or the network.
+
+    The app's import, the issuers' key files and secret variables, the certificate.
+    """
     load_app(settings.app)
     if settings.jwt_issuers:
         _issuers(settings)
@@ -184,13 +189,17 @@ def _server_ssl_context(settings: Settings) -> ssl_module.SSLContext:
     try:
         context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
     except (OSError, ssl_module.SSLError) as exc:
-        raise ConfigError("ssl_certfile", f"cannot load the certificate and key: {exc}", settings.sources["ssl_certfile"]) from None
+        raise ConfigError(
+            "ssl_certfile", f"cannot load the certificate and key: {exc}", settings.sources["ssl_certfile"]
+        ) from None
     return context
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT, for one of several workers."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -38,14 +38,20 @@ def free_port() -> int:
 
 def command_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The environment of a ``safe-fast`` subprocess: no SAFE_FAST_* leaking in, the test apps importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_FAST_") or k in ("SAFE_FAST_PURE_PYTHON", "SAFE_FAST_REQUIRE_COMPILED")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SAFE_FAST_") or k in ("SAFE_FAST_PURE_PYTHON", "SAFE_FAST_REQUIRE_COMPILED")
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
     env.update(extra or {})
     return env
 
 
-def run_command(args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
+def run_command(
+    args: Sequence[str], env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m safe_fast ARGS`` to completion (bounded)."""
     return subprocess.run(
         [sys.executable, "-m", "safe_fast", *args],
@@ -147,7 +153,9 @@ _UNVERIFIED = ssl._create_unverified_context()
 """Only to poll a test server's readiness; the TLS test verifies its certificate."""
 
 
-def http_get(url: str, headers: Optional[dict[str, str]] = None, context: Optional[ssl.SSLContext] = None) -> tuple[int, str]:
+def http_get(
+    url: str, headers: Optional[dict[str, str]] = None, context: Optional[ssl.SSLContext] = None
+) -> tuple[int, str]:
     """(status, body) of a GET; (0, why) when nothing answers."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -211,7 +219,9 @@ async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} frame")
 
 
-async def subscribed(url: str, share_data_id: str = "counter", **kwargs: Any) -> tuple[ClientConnection, dict[str, Any]]:
+async def subscribed(
+    url: str, share_data_id: str = "counter", **kwargs: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
     """A client subscribed to ``share_data_id`` and the state frame it got."""
     ws = await connect(url, **kwargs)
     await ws.send(wire(type="subscribe", shareDataId=share_data_id))

@@ -59,7 +59,15 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> float
 
 
 async def propose(ws: Any, correlation_id: str, data: Any, function_id: str = "increment") -> dict[str, Any]:
-    await ws.send(wire(type="propose", shareDataId="counter", functionId=function_id, proposedData=data, correlationId=correlation_id))
+    await ws.send(
+        wire(
+            type="propose",
+            shareDataId="counter",
+            functionId=function_id,
+            proposedData=data,
+            correlationId=correlation_id,
+        )
+    )
     return await recv_type(ws, "proposal-result")
 
 
@@ -111,7 +119,9 @@ async def test_metrics_count_a_scripted_session(counter: Serve) -> None:
     after = metrics(counter)
     assert delta(before, after, "safe_fast_overflow_closes_total") == 1
     slow.transport.abort()  # it would never answer the close: the server would wait close_timeout
-    await eventually(lambda: metrics(counter).get('safe_fast_connections_closed_total{code="4001"}', 0) == 1, "4001 counted")
+    await eventually(
+        lambda: metrics(counter).get('safe_fast_connections_closed_total{code="4001"}', 0) == 1, "4001 counted"
+    )
     await proposer.close()
 
 
@@ -131,7 +141,9 @@ async def test_sigterm_finishes_proposals_closes_with_1001_and_clients_resume(tm
         subscription.on("state", states.append)
         await eventually(lambda: states, "the client's state frame")
 
-        await watchers[0].send(wire(type="propose", shareDataId="slow", functionId="wait", proposedData={}, correlationId="slow-1"))
+        await watchers[0].send(
+            wire(type="propose", shareDataId="slow", functionId="wait", proposedData={}, correlationId="slow-1")
+        )
         await asyncio.sleep(0.1)  # the proposal is being evaluated (it takes 1.2 s)
         serve.signal(signal.SIGTERM)
 
@@ -200,7 +212,9 @@ async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -
         check=True, capture_output=True, timeout=30,
     )
     # fmt: on
-    serve = Serve("safe_fast.examples.counter:app", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), scheme="https")
+    serve = Serve(
+        "safe_fast.examples.counter:app", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), scheme="https"
+    )
     await asyncio.to_thread(serve.start)
     try:
         context = ssl.create_default_context(cafile=str(cert))

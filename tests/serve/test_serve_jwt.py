@@ -56,7 +56,12 @@ class JwksEndpoint:
 
     def publish(self, *pairs: tuple[str, Any]) -> None:
         self.keys = [
-            {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())), "kid": kid, "alg": "ES256", "use": "sig"}
+            {
+                **json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())),
+                "kid": kid,
+                "alg": "ES256",
+                "use": "sig",
+            }
             for kid, key in pairs
         ]
 
@@ -95,11 +100,15 @@ async def accepted(serve: Serve, jwt_token: str) -> bool:
     return True
 
 
-async def test_issuers_from_a_jwks_url_with_rotation_a_pem_file_and_an_hmac_secret(jwks: JwksEndpoint, tmp_path: Path) -> None:
+async def test_issuers_from_a_jwks_url_with_rotation_a_pem_file_and_an_hmac_secret(
+    jwks: JwksEndpoint, tmp_path: Path
+) -> None:
     first, second, pem_key, stranger = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
     jwks.publish(("k1", first))
     pem = tmp_path / "issuer.pem"
-    pem.write_bytes(pem_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pem.write_bytes(
+        pem_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     issuers = [
         {"issuer": JWKS_ISSUER, "jwks_url": jwks.url, "jwks_min_refresh_interval": 0},
         {"issuer": PEM_ISSUER, "public_key_file": str(pem)},
@@ -132,10 +141,14 @@ async def test_issuers_from_a_jwks_url_with_rotation_a_pem_file_and_an_hmac_secr
     assert SECRET not in (tmp_path / "serve.log").read_text()
 
 
-async def test_a_key_the_issuer_withdraws_stops_verifying_after_the_periodic_refresh(jwks: JwksEndpoint, tmp_path: Path) -> None:
+async def test_a_key_the_issuer_withdraws_stops_verifying_after_the_periodic_refresh(
+    jwks: JwksEndpoint, tmp_path: Path
+) -> None:
     old, new = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
     jwks.publish(("old", old))
-    issuers = [{"issuer": JWKS_ISSUER, "jwks_url": jwks.url, "jwks_refresh_interval": 0.2, "jwks_min_refresh_interval": 60}]
+    issuers = [
+        {"issuer": JWKS_ISSUER, "jwks_url": jwks.url, "jwks_refresh_interval": 0.2, "jwks_min_refresh_interval": 60}
+    ]
     serve = Serve("serve_apps:no_hooks", env={"SAFE_FAST_JWT_ISSUERS": json.dumps(issuers)}, log=tmp_path / "serve.log")
     await asyncio.to_thread(serve.start)
     try:

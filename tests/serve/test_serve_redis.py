@@ -52,7 +52,15 @@ async def test_readyz_is_503_while_redis_is_down_and_200_again_after(redis: Redi
         await eventually(lambda: http_get(serve.http("/readyz"))[0] == 200, "readyz 200 again")
         # and it serves: a broadcast through the restarted Redis reaches a subscriber
         ws, _ = await subscribed(serve.url)
-        await ws.send(wire(type="propose", shareDataId="counter", functionId="increment", proposedData={"count": 1}, correlationId="c"))
+        await ws.send(
+            wire(
+                type="propose",
+                shareDataId="counter",
+                functionId="increment",
+                proposedData={"count": 1},
+                correlationId="c",
+            )
+        )
         assert (await recv_type(ws, "transaction"))["transactionId"] == "1"
         await ws.close()
     finally:
@@ -69,7 +77,9 @@ def serving_pids(log: Path) -> set[int]:
     return {int(pid) for pid in re.findall(r"safe-fast serving .* \(pid (\d+),", log.read_text())}
 
 
-async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_restarted(redis: RedisProcess, tmp_path: Path) -> None:
+async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_restarted(
+    redis: RedisProcess, tmp_path: Path
+) -> None:
     log = tmp_path / "serve.log"
     serve = Serve("serve_apps:workers", "--workers", "2", "--redis-url", redis.url, log=log)
     await asyncio.to_thread(serve.start)
@@ -90,7 +100,15 @@ async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_
 
         # One client proposes; every client on every worker gets the transaction.
         proposer = clients[0]
-        await proposer.send(wire(type="propose", shareDataId="counter", functionId="increment", proposedData={"count": 1}, correlationId="w"))
+        await proposer.send(
+            wire(
+                type="propose",
+                shareDataId="counter",
+                functionId="increment",
+                proposedData={"count": 1},
+                correlationId="w",
+            )
+        )
         for ws in clients:
             frame = await recv_type(ws, "transaction")
             assert frame["currentState"] == {"count": 1}

@@ -99,7 +99,9 @@ async def test_an_untrusted_peer_cannot_choose_its_address(server_factory: Serve
 def test_the_client_address_is_the_first_untrusted_hop_from_the_right() -> None:
     policy = AdmissionPolicy(max_connections_per_address=1, trusted_proxies=["10.0.0.0/8", "::1/128"])
     assert policy.client_address("10.0.0.1", ["1.2.3.4, 10.0.0.2"]) == "1.2.3.4"
-    assert policy.client_address("10.0.0.1", ["6.6.6.6, 1.2.3.4, 10.0.0.2"]) == "1.2.3.4"  # 6.6.6.6 is the client's claim
+    assert (
+        policy.client_address("10.0.0.1", ["6.6.6.6, 1.2.3.4, 10.0.0.2"]) == "1.2.3.4"
+    )  # 6.6.6.6 is the client's claim
     assert policy.client_address("10.0.0.1", ["10.0.0.3"]) == "10.0.0.3"
     assert policy.client_address("10.0.0.1", []) == "10.0.0.1"
     assert policy.client_address("192.0.2.1", ["1.2.3.4"]) == "192.0.2.1"
