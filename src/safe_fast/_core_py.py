@@ -100,8 +100,13 @@ class Flusher:
             raise error
 
     def join(self, frames: list[bytes]) -> bytes:
-        """``b"".join(frames)``, reusing this round's previous result for the same frames."""
-        if not self._in_round:
+        """``b"".join(frames)``, reusing this round's previous result for the same frames.
+
+        Also before the round, once it is scheduled: a burst past the cap sends
+        the subscribers' (shared) queued frames early, and the round that
+        follows drops the memo.
+        """
+        if not (self._in_round or self._scheduled):
             return b"".join(frames)
         # List equality checks identity first: for a fan-out's shared frames
         # this is k pointer comparisons.
@@ -183,12 +188,22 @@ class Outbox:
         if not self._open:
             return False
         size = len(frame)
+        marked = False
         if self._transport_bytes + self._queued + size > self.max_buffered_bytes:
             # Frames merely waiting for the end of this iteration are not
             # behind: hand them to the socket now, and judge by what it did
             # not take. (The normal case keeps its one write per iteration.)
             if self._queued:
-                self.flush()
+                marked = True  # queued frames mean it is in this round already
+                backlog = self._queued
+                try:
+                    self.flush()
+                except Exception:
+                    # A transport that fails here is gone for this outbox;
+                    # the rest of the fan-out goes on.
+                    self._open = False
+                    self.on_overflow(backlog)
+                    return False
             self._transport_bytes = self.transport.get_write_buffer_size()
             total = self._transport_bytes + size
             if total > self.max_buffered_bytes and total != size:
@@ -198,7 +213,8 @@ class Outbox:
         if self._frames is not None:
             self._frames.append(frame)
         elif self._head is None:
-            self.flusher.mark(self)
+            if not marked:
+                self.flusher.mark(self)
             self._head = frame
         else:
             self._frames = [self._head, frame]
@@ -213,7 +229,11 @@ class Outbox:
             return
         self._head = self._frames = None
         self._queued = 0
-        if self.transport.is_closing() or (self.websocket is not None and self.websocket.is_close_frame_sent):
+        if self.transport.is_closing():
+            return
+        if self.websocket is not None and self.websocket.is_close_frame_sent:
+            self._open = False
+            self.close_frame_sent()
             return
         data = head if frames is None else self.flusher.join(frames)
         self.transport.write(data)
@@ -230,6 +250,9 @@ class Outbox:
 
     def on_overflow(self, buffered_amount: int) -> None:
         """Called once when a frame is refused for overflow."""
+
+    def close_frame_sent(self) -> None:
+        """Called once when a flush finds that ``websocket`` sent a close frame on its own."""
 
 
 def fanout(frame: bytes, outboxes: Iterable[Outbox]) -> int:

@@ -15,30 +15,13 @@ from typing import Any
 
 import pytest
 
-from safe_fast import ShareData, ShareDataManager, ShareFunction, attach_realtime_server, create_id_based_function_resolver
+from safe_fast import ShareData, ShareDataManager, ShareFunction, create_id_based_function_resolver
 from server_helpers import OP_CLOSE, OP_PING, OP_TEXT, RawClient, RawClientFactory, client_frame, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 DEADLINE = 10.0
 """Upper bound for each wait in this module, the ``raw_clients``' included; reaching it fails the test."""
-
-
-@pytest.fixture
-async def start_server() -> Any:
-    started: list[Any] = []
-
-    async def start(manager: ShareDataManager, **options: Any) -> Any:
-        options.setdefault("authenticate", lambda request: {"subject": "tester"})
-        options.setdefault("heartbeat_interval", None)
-        options.setdefault("close_timeout", 1.0)
-        server = await attach_realtime_server(manager=manager, host="127.0.0.1", port=0, **options)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await asyncio.wait_for(server.close(), 15)
 
 
 def frames_until_close(client: RawClient) -> tuple[list[Any], bool]:
@@ -56,6 +39,19 @@ def frames_until_close(client: RawClient) -> tuple[list[Any], bool]:
         elif opcode == OP_TEXT:
             before.append(json.loads(payload))
     return before, after
+
+
+async def subscribes_in_one_write_answered_in_order(client: RawClient, count: int) -> None:
+    """Subscribe to ``d0`` … ``d<count-1>`` in one write; every ``state`` must come, in order."""
+    client.send_raw(
+        b"".join(
+            client_frame(OP_TEXT, json.dumps({"v": 1, "type": "subscribe", "shareDataId": f"d{i}"}).encode())
+            for i in range(count)
+        )
+    )
+    for i in range(count):
+        opcode, message = await client.recv_message()
+        assert opcode == OP_TEXT and message["type"] == "state" and message["shareDataId"] == f"d{i}", message
 
 
 # -- bursts larger than the cap -----------------------------------------------------------------
@@ -216,14 +212,88 @@ async def test_thousands_of_subscribes_in_one_write_are_all_answered(
     # the burst below can arrive in a single socket read.
     big_ping = {"v": 1, "type": "ping", "correlationId": "big", "pad": "x" * 512 * 1024}
     assert (await client.request(big_ping))["type"] == "pong"
-    client.send_raw(
-        b"".join(
-            client_frame(OP_TEXT, json.dumps({"v": 1, "type": "subscribe", "shareDataId": f"d{i}"}).encode())
-            for i in range(count)
-        )
-    )
-    for i in range(count):
-        opcode, message = await client.recv_message()
-        assert opcode == OP_TEXT and message["type"] == "state" and message["shareDataId"] == f"d{i}", message
+    await subscribes_in_one_write_answered_in_order(client, count)
     (connection,) = server.connections
     assert len(connection.subscriptions) == count
+
+
+async def test_a_close_picows_sends_itself_ends_the_connection_by_close_timeout(
+    start_server: Any, raw_clients: RawClientFactory
+) -> None:
+    # A subscriber that stopped reading, then a frame header over the size
+    # limit: picows sends 1009 and a graceful disconnect that cannot finish
+    # (the peer reads nothing). The server must still drop it after close_timeout.
+    manager = ShareDataManager()
+    manager.add_share_data(ShareData("feed", current_state=0))
+    server = await start_server(manager, max_message_size=1024, close_timeout=0.5)
+    closed: list[Any] = []
+    server.on("connection:closed", closed.append)
+    client = await raw_clients(server.port, rcvbuf=4096)
+    await client.subscribe("feed")
+    client.transport.pause_reading()
+    share_data = manager.get_share_data_by_id("feed")
+    assert share_data is not None
+    for i in range(20):  # a backlog the kernel holds for the stopped reader
+        share_data.current_state = {"i": i, "pad": "x" * 8192}
+        manager.update_share_data(share_data)
+        await asyncio.sleep(0)
+    client.send_raw(bytes([0x81, 0x80 | 126]) + struct.pack("!H", 4096) + b"\0\0\0\0")  # just a header
+    (connection,) = server.connections
+    await wait_until(lambda: connection.websocket.is_close_frame_sent, "picows' own close frame")
+    share_data.current_state = "after"
+    manager.update_share_data(share_data)  # the next broadcast finds the close
+    await wait_until(lambda: len(closed) == 1, "the connection dropped after close_timeout", timeout=DEADLINE)
+    assert server.connections == [] and not connection.subscriptions
+
+
+async def test_a_ping_during_an_async_authenticate_never_precedes_its_4002(start_server: Any) -> None:
+    async def refuse(request: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return None
+
+    server = await start_server(ShareDataManager(), authenticate=refuse)
+    client = await RawClient.open(server.port, deadline=DEADLINE)
+    try:
+        client.send(OP_PING, b"hi")
+        first = await client.recv()
+        assert first is not None and first[1] == OP_CLOSE and struct.unpack("!H", first[2][:2])[0] == 4002, first
+    finally:
+        client.transport.abort()
+
+
+@pytest.mark.parametrize("violation, code", [(b"not json", 4004), (b"\xff\xfe", 1007)])
+async def test_a_propose_after_a_violation_in_the_same_write_is_not_applied(
+    start_server: Any, raw_clients: RawClientFactory, violation: bytes, code: int
+) -> None:
+    manager = ShareDataManager()
+    manager.add_share_data(ShareData("doc", current_state=0, functions=[ShareFunction("set", lambda s, p: True)]))
+    server = await start_server(manager, resolve_function=create_id_based_function_resolver(manager))
+    client = await raw_clients(server.port)
+    propose = {"v": 1, "type": "propose", "shareDataId": "doc", "functionId": "set", "proposedData": 1,
+               "correlationId": "late"}
+    client.send_raw(client_frame(OP_TEXT, violation) + client_frame(OP_TEXT, json.dumps(propose).encode()))
+    assert (await client.close_frame())[0] == code
+    await client.finish_close()
+    before, after = frames_until_close(client)
+    assert after is False and all(m["type"] == "error" for m in before)
+    share_data = manager.get_share_data_by_id("doc")
+    assert share_data is not None and share_data.transaction_history == []
+
+
+async def test_a_pipelined_burst_behind_an_async_hook_is_answered_in_order(
+    start_server: Any, raw_clients: RawClientFactory
+) -> None:
+    # No pre-grown read buffer: the burst arrives over many socket reads while
+    # the worker is inside the hook, far more than MAX_PENDING_MESSAGES.
+    count = 3000
+
+    async def authorize(context: Any, share_data_id: str) -> bool:
+        await asyncio.sleep(0)
+        return True
+
+    manager = ShareDataManager()
+    for i in range(count):
+        manager.add_share_data(ShareData(f"d{i}", current_state=i))
+    server = await start_server(manager, authorize_subscribe=authorize)
+    client = await raw_clients(server.port)
+    await subscribes_in_one_write_answered_in_order(client, count)

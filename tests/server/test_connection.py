@@ -110,6 +110,15 @@ class _Control:
     def send_ping(self) -> None:
         self.recorder.log.append(("ping",))
 
+    def send_pong(self, payload: bytes) -> None:
+        self.recorder.log.append(("pong", payload))
+
+    def pause_reading(self) -> None:
+        self.recorder.log.append(("pause_reading",))
+
+    def resume_reading(self) -> None:
+        self.recorder.log.append(("resume_reading",))
+
 
 class Peer:
     """One ServerConnection plus its recorder, with bounded waits."""
@@ -509,7 +518,7 @@ async def test_a_transaction_during_a_slow_replay_read_comes_once_after_the_stat
     make_hub: Callable[..., ServerHub], manager: ShareDataManager
 ) -> None:
     store = GatedStore()
-    hub = make_hub(replay_store=store)
+    hub = make_hub(replay_store=store, replay_timeout=DEADLINE)  # the test opens the gate, not the bound
     await apply_transactions(manager, 3)
     await hub.writes_landed("doc")
     store.reads_open.clear()
@@ -538,7 +547,7 @@ async def test_a_replay_waits_for_the_store_writes_under_way(
     make_hub: Callable[..., ServerHub], manager: ShareDataManager
 ) -> None:
     store = GatedStore()
-    hub = make_hub(replay_store=store)
+    hub = make_hub(replay_store=store, replay_timeout=DEADLINE)  # the test opens the gate, not the bound
     store.writes_open.clear()
     await apply_transactions(manager, 3)  # three record() calls, all held
     peer = Peer(hub)
@@ -880,13 +889,13 @@ async def test_propose_apply_transaction_raising(make_hub: Callable[..., ServerH
     peer.send(propose("faulty"))
     # The wire carries the rule's own message (RuleError wraps it for Python callers).
     assert await peer.barrier() == [_rejection("c-1", "bad input")]
-    # An exception without words is named by its type, never sent as "".
+    # An exception without words gives an empty text, as the reference's err.message does.
     def quiet_rule(current: Any, proposed: Any) -> bool:
         raise LookupError()
 
     hub.resolve_function = lambda share_data_id, function_id: ShareFunction("quiet", quiet_rule)
     peer.send(propose("quiet", correlation_id="c-1b"))
-    assert await peer.barrier() == [_rejection("c-1b", "LookupError")]
+    assert await peer.barrier() == [_rejection("c-1b", "")]
     # A resolver returning something that is not a ShareFunction: apply_transaction's TypeError text.
     hub.resolve_function = lambda share_data_id, function_id: "not a function"
     peer.send(propose("x", correlation_id="c-2"))
@@ -974,21 +983,38 @@ async def test_invalid_message_behind_a_slow_hook_still_waits_its_turn(make_hub:
     assert [m["type"] for m in peer.rec.messages()] == ["state", "error"]
 
 
-async def test_too_many_messages_behind_a_slow_hook_close_1008(make_hub: Callable[..., ServerHub]) -> None:
+async def test_a_full_queue_stops_reading_the_socket_until_half_is_handled(make_hub: Callable[..., ServerHub]) -> None:
     held = HeldAuthorizer()
     peer = Peer(make_hub(authorize_subscribe=held.authorize))
     peer.send(subscribe())
     await asyncio.wait_for(held.entered.wait(), DEADLINE)  # the worker now waits inside the hook
+    for i in range(MAX_PENDING_MESSAGES - 1):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
+    assert peer.rec.count("pause_reading") == 0
+    peer.send({"type": "ping", "correlationId": f"p{MAX_PENDING_MESSAGES - 1}"})
+    assert peer.rec.log == [("pause_reading",)]
+    # What the socket read already delivered still arrives, and is still answered.
+    for i in range(MAX_PENDING_MESSAGES, MAX_PENDING_MESSAGES + 10):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
+    held.release()
+    total = MAX_PENDING_MESSAGES + 10
+    await peer.until(lambda: peer.rec.count("frame") >= 1 + total, "every answer", iterations=20 * total)
+    messages = peer.rec.messages()
+    assert messages[0]["type"] == "state"
+    assert [m["correlationId"] for m in messages[1:]] == [f"p{i}" for i in range(total)]
+    assert peer.rec.count("resume_reading") == 1 and peer.rec.closes() == []
+
+
+async def test_a_close_resumes_reading_so_the_peer_close_frame_is_read(make_hub: Callable[..., ServerHub]) -> None:
+    held = HeldAuthorizer()
+    peer = Peer(make_hub(authorize_subscribe=held.authorize))
+    peer.send(subscribe())
+    await asyncio.wait_for(held.entered.wait(), DEADLINE)
     for i in range(MAX_PENDING_MESSAGES):
         peer.send({"type": "ping", "correlationId": f"p{i}"})
-    assert peer.rec.closes() == []  # the limit itself is still allowed
-    peer.send({"type": "ping", "correlationId": "one-too-many"})
-    code, _reason = await peer.closed()
-    assert code == 1008
+    peer.conn.close(1001, "going away")
+    assert [entry[0] for entry in peer.rec.log] == ["pause_reading", "resume_reading", "close"]
     held.release()
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert not any(m["type"] == "pong" for m in peer.rec.messages())
 
 
 @pytest.mark.parametrize("slow_hook", [False, True])
@@ -1066,17 +1092,30 @@ async def test_authenticating_connection_queues_until_authenticated(make_hub: Ca
     assert contexts == [{"subject": "bob"}]
 
 
-async def test_messages_waiting_for_an_async_authenticate_are_limited_too(make_hub: Callable[..., ServerHub]) -> None:
+async def test_messages_waiting_for_an_async_authenticate_stop_reading_too(make_hub: Callable[..., ServerHub]) -> None:
     peer = Peer(make_hub(), authenticating=True)
     for i in range(MAX_PENDING_MESSAGES):
         peer.send({"type": "ping", "correlationId": f"p{i}"})
-    assert peer.rec.closes() == []
-    peer.send({"type": "ping", "correlationId": "one-too-many"})
-    assert await peer.closed() == (1008, b"too many pending messages")
+    assert peer.rec.log == [("pause_reading",)]
     peer.conn.authenticated({"subject": "late"})
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert peer.rec.messages() == []
+    await peer.until(lambda: peer.rec.count("frame") >= MAX_PENDING_MESSAGES, "every pong", iterations=50_000)
+    assert peer.rec.count("resume_reading") == 1 and peer.rec.closes() == []
+
+
+async def test_a_ping_while_authenticating_is_answered_only_once_open(make_hub: Callable[..., ServerHub]) -> None:
+    rejected = Peer(make_hub(), authenticating=True)
+    rejected.conn.ping_received(b"hello")
+    rejected.conn.close(4002, "unauthorized")
+    assert rejected.rec.log == [("close", 4002, b"unauthorized")]  # nothing precedes the 4002
+    accepted = Peer(make_hub(), authenticating=True)
+    accepted.conn.ping_received(b"first")
+    accepted.conn.ping_received(b"latest")
+    assert accepted.rec.log == []
+    accepted.conn.authenticated({"subject": "ok"})
+    assert accepted.rec.log == [("pong", b"latest")]
+    accepted.conn.close(1000)
+    accepted.conn.ping_received(b"after the close")
+    assert accepted.rec.log[-1][0] == "close"
 
 
 async def test_authenticating_connection_rejected_closes_4002_and_processes_nothing(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:

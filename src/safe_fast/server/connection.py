@@ -19,7 +19,8 @@ adapter (``server.py``) fills in and that tests fill with recording objects:
   ``is_closing``) that the compiled :class:`~safe_fast._core.Outbox` it
   inherits from writes coalesced frames to;
 * the *control* object (``send_close(code, reason)``, ``disconnect()``,
-  ``send_ping()``) for WebSocket control frames.
+  ``send_ping()``, ``send_pong(payload)``, ``pause_reading()``,
+  ``resume_reading()``) for WebSocket control frames and flow control.
 
 A connection is in one of these states::
 
@@ -32,7 +33,14 @@ Messages are handled strictly in arrival order. Ping and unsubscribe, which
 call no hook, are answered inline when nothing is pending. Everything else
 (and everything while something is pending) goes through a FIFO drained by
 one task per busy connection, so an ``async`` hook delays only its own
-connection, and an idle connection owns no task.
+connection, and an idle connection owns no task. When the FIFO holds
+:data:`MAX_PENDING_MESSAGES`, the connection stops reading its socket until
+half of them are handled, so a pipelining client is slowed down by TCP
+rather than closed, and memory stays bounded.
+
+From the moment a close frame is decided (by this object, or by the
+WebSocket layer for a framing error it found: :meth:`close_frame_sent`),
+nothing else is sent and nothing received is acted on.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ __all__ = [
     "ConnectionClosedEvent",
     "ConnectionOverflowEvent",
     "ReplayWriteFailedEvent",
+    "ReplayTimeoutEvent",
+    "DEFAULT_REPLAY_TIMEOUT",
     "CLOSE_GOING_AWAY",
     "CLOSE_INVALID_TEXT",
     "CLOSE_POLICY_VIOLATION",
@@ -99,7 +109,14 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 MAX_PENDING_MESSAGES = 1024
-"""Messages a connection may have waiting behind a slow hook before it is closed (1008)."""
+"""Messages a connection may have waiting before the server stops reading its socket.
+
+Reading resumes once half of them are handled: a client that sends faster
+than its hooks answer is slowed down by TCP, never closed, and every message
+is answered in order."""
+
+DEFAULT_REPLAY_TIMEOUT = 0.25
+"""Seconds a ``subscribe`` with ``since`` waits for the replay store before it resyncs the client."""
 
 
 # -- observability events ----------------------------------------------------------
@@ -134,6 +151,16 @@ class ReplayWriteFailedEvent:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayTimeoutEvent:
+    """A ``subscribe`` with ``since`` gave up waiting for the replay store."""
+
+    connection_id: str
+    share_data_id: str
+    since: str
+    timeout: float
+
+
 def _with_rendered_state(message: Any, share_data_id: str, error: EncodeError) -> Any:
     """``message`` with its ``current_state`` replaced by what JSON can carry of it."""
     try:
@@ -150,8 +177,7 @@ def _error_text(exc: BaseException) -> str:
     # KeyError quotes its message; the wire wants the words themselves.
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         return exc.args[0]
-    # An exception without words is named by its type rather than sent as "".
-    return str(exc) or type(exc).__name__
+    return str(exc)
 
 
 async def _resolve(value: Any) -> Any:
@@ -176,6 +202,7 @@ class ServerHub:
         authorize_propose: Optional[Callable[..., Any]] = None,
         max_buffered_bytes: int = 1024 * 1024,
         close_timeout: float = 5.0,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         events: Optional[EventEmitter] = None,
     ) -> None:
         self.manager = manager
@@ -187,6 +214,7 @@ class ServerHub:
         self.authorize_propose = authorize_propose
         self.max_buffered_bytes = max_buffered_bytes
         self.close_timeout = close_timeout
+        self.replay_timeout = replay_timeout
         self.events = events if events is not None else EventEmitter()
         self.connections: dict[str, ServerConnection] = {}
         self._attached = False
@@ -301,12 +329,49 @@ class ServerHub:
             task.add_done_callback(done)
 
     async def writes_landed(self, share_data_id: str) -> None:
-        """Return once every replay-store write issued so far for ``share_data_id`` has finished."""
+        """Return once every replay-store write issued so far for ``share_data_id`` has finished.
+
+        Failures are reported by the writes themselves (``replay:write-failed``);
+        the caller bounds the wait (see :meth:`replay_after`).
+        """
         pending = self._pending_writes.get(share_data_id)
         if pending:
-            # Failures are reported by the writes themselves (replay:write-failed);
-            # a write that hangs delays the replay by at most this bound.
-            await asyncio.wait(list(pending), timeout=_PENDING_WRITES_WAIT)
+            await asyncio.wait(list(pending))
+
+    async def replay_after(self, connection_id: str, share_data_id: str, since: str) -> Optional[list[ReplayEntry]]:
+        """The replay window after ``since``: None when not found, failed, or not read in time.
+
+        The writes under way for the id land first, so a client resuming from
+        the id it just received finds it. Both waits together are bounded by
+        ``replay_timeout``: a store that does not answer (Redis away) must not
+        hold the ``state`` frame back; past the bound the client is resynced
+        from the snapshot and ``replay:timeout`` is emitted.
+        """
+        try:
+            if share_data_id not in self._pending_writes:
+                found = self.replay_store.entries_since(share_data_id, since)
+                if not inspect.isawaitable(found):
+                    return None if found is None else list(found)  # a synchronous store: no wait at all
+                found = await asyncio.wait_for(found, self.replay_timeout)
+            else:
+                found = await asyncio.wait_for(self._landed_then_read(share_data_id, since), self.replay_timeout)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "replay store did not answer within %gs for %r since=%r; resyncing the client",
+                self.replay_timeout, share_data_id, since,
+            )  # fmt: skip
+            self.events.emit(
+                "replay:timeout", ReplayTimeoutEvent(connection_id, share_data_id, since, self.replay_timeout)
+            )
+            return None
+        except Exception as exc:
+            logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            return None
+        return None if found is None else list(found)
+
+    async def _landed_then_read(self, share_data_id: str, since: str) -> Any:
+        await self.writes_landed(share_data_id)
+        return await _resolve(self.replay_store.entries_since(share_data_id, since))
 
     def _replay_failed(self, share_data_id: str, operation: str, error: BaseException) -> None:
         logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
@@ -336,10 +401,6 @@ class ServerHub:
             )
 
 
-_PENDING_WRITES_WAIT = 5.0
-"""Seconds a replay waits for the replay-store writes under way for its id."""
-
-
 def _through_snapshot(entries: list[ReplayEntry], since: str, share_data: Any) -> list[ReplayEntry]:
     """The replay window read before the snapshot, completed up to it.
 
@@ -366,6 +427,26 @@ _AUTHENTICATING, _OPEN, _CLOSING, _CLOSED = range(4)
 
 class ServerConnection(core.Outbox):
     """One client connection: protocol decisions plus its coalescing outbox."""
+
+    # One per client for its whole life: slots instead of a __dict__ (~0.3 KiB
+    # less per idle connection). An attribute a method sets must be listed here.
+    __slots__ = (
+        "hub",
+        "control",
+        "id",
+        "context",
+        "subscriptions",
+        "awaiting_pong",
+        "close_code",
+        "close_reason",
+        "_state",
+        "_announced",
+        "_inbox",
+        "_worker",
+        "_timers",
+        "_reading_paused",
+        "_held_ping",
+    )
 
     def __init__(
         self,
@@ -397,9 +478,11 @@ class ServerConnection(core.Outbox):
         # connection holds neither (an empty deque alone is ~0.75 KiB).
         self._inbox: Optional[deque[tuple[bytes, bool]]] = None
         self._worker: Optional[asyncio.Task[None]] = None
-        # True while the worker is inside a message (so suspended on a hook
-        # whenever anything else runs): what arrives then waits behind it.
-        self._handling = False
+        # Whether this connection stopped reading its socket (FIFO full).
+        self._reading_paused = False
+        # The payload of a WebSocket ping that came while authenticating: it is
+        # answered once the connection opens (nothing may precede a 4002).
+        self._held_ping: Optional[bytes] = None
         self._timers: Optional[list[asyncio.TimerHandle]] = None
 
     def __repr__(self) -> str:
@@ -451,6 +534,9 @@ class ServerConnection(core.Outbox):
         self._state = _OPEN
         self._announced = True
         self.hub.events.emit("connection:opened", ConnectionOpenedEvent(self.id, self.context))
+        if self._held_ping is not None:
+            self.ping_received(self._held_ping)
+            self._held_ping = None
         self._ensure_worker()
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
@@ -477,8 +563,10 @@ class ServerConnection(core.Outbox):
         # no queued message runs, no live frame is sent, no channel delivers.
         self._state = _CLOSING
         self._inbox = None
+        self._held_ping = None
         self.close_outbox(flush)
         self._leave_channels()
+        self._resume_reading()  # the peer's close frame must still be read
         self.call_later(self.hub.close_timeout, self.abort)
 
     def abort(self) -> None:
@@ -539,16 +627,6 @@ class ServerConnection(core.Outbox):
             self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if (
-            (self._handling or self._state == _AUTHENTICATING)
-            and self._inbox is not None
-            and len(self._inbox) >= MAX_PENDING_MESSAGES
-        ):
-            # Only messages waiting behind a hook (``authenticate`` included)
-            # count: a burst that one socket read delivered is answered in
-            # order, however long.
-            self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
-            return
         self._enqueue(payload, binary)
         if self._state == _OPEN:
             self._ensure_worker()
@@ -557,6 +635,26 @@ class ServerConnection(core.Outbox):
         if self._inbox is None:
             self._inbox = deque()
         self._inbox.append((payload, binary))
+        if len(self._inbox) >= MAX_PENDING_MESSAGES and not self._reading_paused:
+            # Enough waiting: let TCP hold the rest (what the current socket
+            # read already delivered still arrives, so the FIFO stays bounded).
+            self._reading_paused = True
+            self.control.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            try:
+                self.control.resume_reading()
+            except Exception:
+                logger.debug("resume_reading failed on %s", self.id, exc_info=True)
+
+    def ping_received(self, payload: bytes) -> None:
+        """A WebSocket ping: answered while open, held while authenticating, dropped after a close frame."""
+        if self._state == _OPEN:
+            self.control.send_pong(payload)
+        elif self._state == _AUTHENTICATING:
+            self._held_ping = payload
 
     def _ensure_worker(self) -> None:
         if self._worker is None and self._inbox:
@@ -566,13 +664,12 @@ class ServerConnection(core.Outbox):
         try:
             while self._inbox and self._state == _OPEN:
                 payload, binary = self._inbox.popleft()
-                self._handling = True
+                if self._reading_paused and len(self._inbox) <= MAX_PENDING_MESSAGES // 2:
+                    self._resume_reading()
                 try:
                     await self._handle(payload, binary)
                 except Exception:
                     logger.exception("unexpected failure handling a message on %s", self.id)
-                finally:
-                    self._handling = False
         finally:
             self._worker = None
             if not self._inbox:
@@ -635,12 +732,7 @@ class ServerConnection(core.Outbox):
             # The window is read before registering: once registered, live
             # frames flow, and they must come after the replay, never before
             # it or twice.
-            await hub.writes_landed(share_data_id)
-            try:
-                found = await _resolve(hub.replay_store.entries_since(share_data_id, since))
-                entries = None if found is None else list(found)
-            except Exception as exc:
-                logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            entries = await hub.replay_after(self.id, share_data_id, since)
             if self._state != _OPEN:
                 return
         # Read the ShareData again: the awaits above may have let it change.
@@ -723,9 +815,14 @@ class ServerConnection(core.Outbox):
 
     def heartbeat(self) -> None:
         """One heartbeat tick: ping, or terminate if the last ping went unanswered."""
+        websocket = self.websocket
+        if websocket is not None and websocket.is_close_frame_sent:
+            # The WebSocket layer closed it and nothing flushed since to notice.
+            self.close_frame_sent()
         if self._state >= _CLOSING:
             return
-        if self.awaiting_pong:
+        # While this server is not reading the socket, the pong may be waiting in it.
+        if self.awaiting_pong and not self._reading_paused:
             logger.info("connection %s missed a heartbeat; terminating", self.id)
             self.abort()
             return

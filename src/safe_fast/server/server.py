@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 from urllib.parse import urlsplit
 
 import picows
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
@@ -35,10 +35,12 @@ from .connection import (
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
+    DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
 )
 from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
+from .listen import AcceptFailureLog, resolve_backlog
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -66,6 +68,10 @@ this protocol send small messages, so the 16 KiB default mostly sits idle."""
 # ``picows.safe_fast.server.picows``, only without the per-connection ".<fd>".
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.safe_fast.server.picows"), {})
 
+# What picows' upgrade request and 101 response keep as headers once the
+# handshake is over (see ``_Listener.on_ws_connected``): one shared empty view.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
 
 def use_uvloop() -> bool:
     """Install uvloop's event loop policy when it is available; True if it was."""
@@ -82,7 +88,7 @@ def _close_code(value: Any) -> int:
 
 
 class _Listener(picows.WSListener):  # type: ignore[misc]
-    """Feeds one picows connection into a :class:`ServerConnection`."""
+    """Feeds one picows connection into a :class:`ServerConnection`, and is its control seam."""
 
     # One per connection for its whole life: slots instead of a __dict__.
     __slots__ = (
@@ -92,6 +98,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         "connection",
         "fragments",
         "fragments_binary",
+        "transport",
         "bucket",
         "forwarded_for",
         "address",
@@ -105,6 +112,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
+        self.transport: Optional[picows.WSTransport] = None
         # Admission (admission.py): the message-rate bucket, the X-Forwarded-For
         # values until the peer is known, the address counted against its cap.
         self.bucket: Optional[TokenBucket] = None
@@ -113,12 +121,22 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
+        self.transport = transport
         admission = server.admission
         if admission is not None and not self._admitted(admission, transport):
             return
+        # picows keeps the upgrade request and the 101 response, headers and
+        # all, for the connection's life (~2 KiB with a browser's headers).
+        # Both are done with: the response is sent, and ``authenticate`` got
+        # the request headers in an UpgradeRequest of its own.
+        request, response = transport.request, transport.response
+        if request is not None:
+            request.headers, request.path = _NO_HEADERS, b""
+        if response is not None:
+            response.headers = _NO_HEADERS
         connection = ServerConnection(
             server._hub,
-            _Control(transport),
+            self,
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
@@ -208,8 +226,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                     return
                 connection.receive_message(payload, self.fragments_binary)
         elif msg_type == _PING:
-            # Answered here rather than by picows, which would answer after a close frame too.
-            transport.send_pong(frame.get_payload_as_bytes())
+            # The connection decides (not picows' auto-pong): nothing may precede a 4002.
+            connection.ping_received(frame.get_payload_as_bytes())
         elif msg_type == _PONG:
             connection.pong_received()
         elif msg_type == _CLOSE:
@@ -224,6 +242,14 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 else:
                     connection.close(1002, "invalid close code")
             transport.disconnect()
+
+    # The transport's buffer crossing its watermarks: the outbox measures the
+    # buffer itself, so these are only acknowledged (else picows logs each).
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
         if self.address is not None:
@@ -243,23 +269,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
 
-
-@dataclass(frozen=True, slots=True)
-class ConnectionRefusedEvent:
-    """An upgrade or a connection refused by the admission controls (reason: origin, address_cap, rate)."""
-
-    reason: str
-    address: Optional[str]
-    connection_id: Optional[str] = None
-
-
-class _Control:
-    """The control seam of :class:`ServerConnection` over a picows transport."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: picows.WSTransport) -> None:
-        self.transport = transport
+    # the control seam of ServerConnection
 
     def send_close(self, code: int, reason: bytes) -> None:
         self.transport.send_close(code, reason)
@@ -269,6 +279,24 @@ class _Control:
 
     def send_ping(self) -> None:
         self.transport.send_ping()
+
+    def send_pong(self, payload: bytes) -> None:
+        self.transport.send_pong(payload)
+
+    def pause_reading(self) -> None:
+        self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.underlying_transport.resume_reading()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRefusedEvent:
+    """An upgrade or a connection refused by the admission controls (reason: origin, address_cap, rate)."""
+
+    reason: str
+    address: Optional[str]
+    connection_id: Optional[str] = None
 
 
 class RealtimeServer:
@@ -294,6 +322,8 @@ class RealtimeServer:
         close_on_token_expiry: bool,
         close_timeout: float,
         ssl: Optional[ssl_module.SSLContext] = None,
+        backlog: int,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         admission: Optional[AdmissionPolicy] = None,
     ) -> None:
         self.manager = manager
@@ -305,6 +335,7 @@ class RealtimeServer:
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
+        self.backlog = backlog
         self.admission = admission if admission is not None and admission.active else None
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
@@ -318,6 +349,7 @@ class RealtimeServer:
             authorize_propose=authorize_propose,
             max_buffered_bytes=max_buffered_bytes,
             close_timeout=close_timeout,
+            replay_timeout=replay_timeout,
             events=self._events,
         )
         self._server: Optional[asyncio.AbstractServer] = None
@@ -326,6 +358,7 @@ class RealtimeServer:
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
         self._http_routes: dict[str, HttpHandler] = {}
+        self._accept_failures = AcceptFailureLog(logger, self._loop, lambda: len(self._hub.connections))
         self.host = ""
         self.port = 0
 
@@ -343,7 +376,7 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow``, ``replay:write-failed``,
+        """Listen to ``connection:opened|closed|overflow``, ``replay:write-failed|timeout``,
         ``connection:refused`` or ``connection:rate-limited`` (a :class:`ConnectionRefusedEvent`)."""
         return self._events.on(event, listener)
 
@@ -387,6 +420,7 @@ class RealtimeServer:
             deadline = self._loop.time() + (self._hub.close_timeout if timeout is None else timeout)
             if self._server is not None:
                 self._server.close()
+            self._accept_failures.close()
             while self._hub.proposals_in_flight and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
             self._hub.detach()
@@ -439,16 +473,24 @@ class RealtimeServer:
             # TLS on the listener itself (wss://); the core then writes through
             # the TLS transport, never straight to the socket.
             ssl=self.ssl,
+            # Reaches listen() on both paths: the loop listens on a given
+            # socket too (uvloop with its own 100 unless told otherwise).
+            backlog=self.backlog,
             **kwargs,
         )
-        bound = self._server.sockets[0].getsockname()
+        listening = self._server.sockets[0]
+        bound = listening.getsockname()
         self.host, self.port = bound[0], bound[1]
+        self._accept_failures.watch(listening.fileno())
         self._hub.attach()
         if self.heartbeat_interval:
             self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
 
     def _route(self, request: picows.WSUpgradeRequest) -> Any:
         """picows' listener factory: decides the upgrade synchronously."""
+        # Every request first checks there is room for the next connection:
+        # uvloop drops connections it cannot accept without a word.
+        self._accept_failures.check_descriptors()
         if self._closed:
             return picows.WSUpgradeResponseWithListener(
                 picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
@@ -495,11 +537,10 @@ class RealtimeServer:
             return _upgrade_required() if path == self.path else None  # else 404
         plain = UpgradeRequest(path=target, query=query_parameters(query), headers=headers, remote_address=None)
         try:
-            response = handler(plain)
+            return to_picows_response(handler(plain))
         except Exception:
-            logger.exception("HTTP handler for %s raised", path)
-            response = HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error")
-        return to_picows_response(response)
+            logger.exception("HTTP handler for %s failed", path)
+            return to_picows_response(HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error"))
 
     async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
         try:
@@ -573,6 +614,9 @@ async def attach_realtime_server(
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
     ssl: Optional[ssl_module.SSLContext] = None,
+    backlog: Optional[int] = None,
+    replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+    inspector: bool = False,
     allowed_origins: Optional[Iterable[str]] = None,
     max_messages_per_second: Optional[float] = None,
     message_burst: Optional[int] = None,
@@ -591,7 +635,13 @@ async def attach_realtime_server(
     that time. ``close_timeout`` bounds how long a closing connection may take
     to answer the close handshake before it is dropped. ``ssl``, a server-side
     :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
-    it, put TLS in front, at a proxy).
+    it, put TLS in front, at a proxy). ``backlog`` is the listen backlog
+    (connections the kernel queues until they are accepted); None takes the
+    system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
+    with ``since`` waits for the replay store before it answers ``state`` and
+    ``replay-cursor-not-found``.
+    ``inspector=True`` serves the browser inspector page at ``/`` (see
+    ``safe_fast.inspector``).
 
     Admission controls (all off by default; see ``server/admission.py``):
     ``allowed_origins`` answers 403 to a browser upgrade from another
@@ -613,6 +663,9 @@ async def attach_realtime_server(
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
     if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
         raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
+    backlog = resolve_backlog(backlog)
+    if isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float)) or not replay_timeout > 0:
+        raise ValueError("replay_timeout must be a positive number of seconds")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -628,6 +681,8 @@ async def attach_realtime_server(
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
         ssl=ssl,
+        backlog=backlog,
+        replay_timeout=replay_timeout,
         admission=AdmissionPolicy(
             allowed_origins=allowed_origins,
             max_messages_per_second=max_messages_per_second,
@@ -636,5 +691,9 @@ async def attach_realtime_server(
             trusted_proxies=trusted_proxies,
         ),
     )
+    if inspector:
+        from ..inspector import install_inspector
+
+        install_inspector(server, authorize_subscribe=authorize_subscribe)
     await server._start(host, port, sock)
     return server
