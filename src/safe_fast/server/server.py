@@ -450,6 +450,7 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    inspector: bool = False,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -461,7 +462,8 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped.
+    to answer the close handshake before it is dropped. ``inspector=True``
+    serves the browser inspector page at ``/`` (see ``safe_fast.inspector``).
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -487,5 +489,9 @@ async def attach_realtime_server(
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
     )
+    if inspector:
+        from ..inspector import install_inspector
+
+        install_inspector(server, authorize_subscribe=authorize_subscribe)
     await server._start(host, port, sock)
     return server
