@@ -125,6 +125,18 @@ async def start_demo(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> Realt
 
 
 async def run(host: str, port: int, seconds: Optional[float]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(host, port, seconds, stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def serve(host: str, port: int, seconds: Optional[float], stop: asyncio.Event) -> None:
     server = await start_demo(host, port)
     page = f"http://{'[' + server.host + ']' if ':' in server.host else server.host}:{server.port}/"
     print(f"safe_fast demo (core: {core_backend()})", flush=True)
@@ -138,10 +150,6 @@ async def run(host: str, port: int, seconds: Optional[float]) -> None:
     )
     print("Ctrl-C stops." if seconds is None else f"Stops after DEMO_SECONDS={seconds:g} s.", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     bot = Bot(server.url)
     bot_task = asyncio.ensure_future(bot.run())
     try:
@@ -155,8 +163,6 @@ async def run(host: str, port: int, seconds: Optional[float]) -> None:
         await asyncio.gather(bot_task, return_exceptions=True)
         await bot.close()
         await server.close()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
     print(f"demo stopped ({bot.proposals} proposals by the bot)", flush=True)
 
 
