@@ -51,12 +51,15 @@ import inspect
 import logging
 from http import HTTPStatus
 from importlib import resources
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import orjson
 
 from ..server.http import HttpResponse
 from ..server.request import UpgradeRequest
+
+if TYPE_CHECKING:
+    from ..server.server import RealtimeServer
 
 __all__ = ["install_inspector", "share_data_listing", "LISTING_PATH", "PAGE_PATH"]
 
@@ -86,7 +89,7 @@ _SECURITY_HEADERS = {
 AuthorizeSubscribe = Callable[[Any, str], Any]
 
 
-def install_inspector(server: Any, *, authorize_subscribe: Optional[AuthorizeSubscribe] = None) -> None:
+def install_inspector(server: "RealtimeServer", *, authorize_subscribe: Optional[AuthorizeSubscribe] = None) -> None:
     """Add the inspector's routes to ``server`` (a :class:`RealtimeServer`).
 
     ``authorize_subscribe`` is the server's hook of that name; the listing
@@ -132,7 +135,9 @@ def _static_handler(response: HttpResponse) -> Callable[[UpgradeRequest], HttpRe
     return handler
 
 
-def _listing_response(server: Any, authorize_subscribe: Optional[AuthorizeSubscribe], request: UpgradeRequest) -> HttpResponse:
+def _listing_response(
+    server: "RealtimeServer", authorize_subscribe: Optional[AuthorizeSubscribe], request: UpgradeRequest
+) -> HttpResponse:
     try:
         context = server.authenticate(request)
     except Exception:

@@ -114,6 +114,7 @@ export class InspectorClient {
     this.nextId = 1;
     this.queue = [];
     this.inFlight = new Map();
+    this.abandoned = new Set(); // timed out: a late answer is expected, not an error
     this.subscriptions = new Map(); // id -> { id, cursor }
     // Per connection: subscribes sent and not answered yet, in send order.
     this.awaitingState = new Map();
@@ -218,6 +219,7 @@ export class InspectorClient {
     this.openedAt = performance.now() / 1000;
     this.awaitingState.clear();
     this.unsubscribed.clear();
+    this.abandoned.clear();
     this.culpritDropped = false;
     this.state = OPEN;
     for (const subscription of this.subscriptions.values()) this.sendSubscribe(subscription);
@@ -350,7 +352,7 @@ export class InspectorClient {
       request.timer = setTimeout(() => {
         const where = request.status === "queued" ? "while queued (never sent)" : "waiting for the answer";
         this.queue = this.queue.filter((r) => r !== request);
-        this.inFlight.delete(correlationId);
+        if (this.inFlight.delete(correlationId)) this.abandoned.add(correlationId);
         this.settle(request, null, new RealtimeError("request", `${kind} ${correlationId} timed out after ${this.requestTimeout} s ${where}`));
       }, this.requestTimeout * 1000);
       if (this.state === OPEN) this.sendRequest(request);
@@ -444,6 +446,7 @@ export class InspectorClient {
 
   answered(frame, kind, result) {
     const request = this.inFlight.get(frame.correlationId);
+    if (!request && this.abandoned.delete(frame.correlationId)) return;
     if (!request || request.kind !== kind) {
       this.emit("error", new RealtimeError("protocol-error", `${frame.type} for unknown correlationId ${JSON.stringify(frame.correlationId)} skipped`));
       return;
