@@ -36,6 +36,11 @@ from safe_fast.auth import AuthorizationAudience, AuthorizedAuthorities, create_
 from safe_fast.examples import counter, tasks
 from safe_fast.examples.demo import Bot, start_demo
 
+try:
+    from playwright.async_api import async_playwright, expect
+except ImportError:  # the browser fixture skips (or fails under CI) and says why
+    async_playwright = expect = None
+
 pytestmark = pytest.mark.timeout(120)
 
 DEADLINE = 10.0
@@ -66,9 +71,7 @@ def chromium_path() -> Optional[str]:
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     reason = None
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
+    if async_playwright is None:
         reason = "Playwright for Python is not installed (pip install playwright)"
     path = chromium_path()
     if reason is None and path is None:
@@ -104,21 +107,15 @@ class Page:
         await self.page.goto(f"http://127.0.0.1:{server.port}/{query}")
 
     async def expect_connection(self, state: str) -> None:
-        from playwright.async_api import expect
-
         await expect(self.page.locator("#connection-state")).to_have_text(state, timeout=MS)
 
     async def select(self, share_data_id: str) -> None:
-        from playwright.async_api import expect
-
         await self.page.locator(f'#share-data-list button[data-id="{share_data_id}"]').click()
         # The heading changes in the same render that clears the previous state.
         await expect(self.page.locator("#selected-heading")).to_have_text(f"ShareData {share_data_id}", timeout=MS)
         await self.expect_state_shown()
 
     async def expect_state_shown(self) -> None:
-        from playwright.async_api import expect
-
         await expect(self.page.locator("#state")).not_to_be_empty(timeout=MS)
 
     async def shown_state(self) -> Any:
@@ -144,8 +141,6 @@ class Page:
         await self.page.click("#propose")
 
     async def expect_result(self, pattern: str) -> None:
-        from playwright.async_api import expect
-
         await expect(self.page.locator("#proposal-result")).to_have_text(re.compile(pattern), timeout=MS)
 
     def proposals_sent(self) -> list[dict[str, Any]]:
@@ -228,8 +223,6 @@ async def test_the_page_loads_without_console_errors_and_lists_the_ids(server: R
     ids = await page.page.locator("#share-data-list button").evaluate_all("buttons => buttons.map(b => b.dataset.id)")
     assert ids == ["counter", "tasks"]
     assert "add, complete, remove" in await page.page.locator('button[data-id="tasks"]').inner_text()
-    from playwright.async_api import expect
-
     await expect(page.page.locator("#rtt")).to_have_text(re.compile(r"^ping \d+\.\d ms$"), timeout=MS)
     assert page.console_errors == []
 
@@ -332,6 +325,9 @@ async def test_a_killed_and_restarted_server_is_resumed_from_the_cursor(
         connection.abort()
     await first.close()
     await page.expect_connection("reconnecting")
+    await expect(page.page.locator("#connection-notice")).to_have_text(
+        "Connection closed: 1006 connection lost without a close frame: the server is gone or unreachable", timeout=MS
+    )
     # What happens while the page is away: transactions 2..4.
     for _ in range(3):
         await increment(manager)
@@ -359,41 +355,85 @@ async def test_a_killed_and_restarted_server_is_resumed_from_the_cursor(
 ISSUER = "https://issuer.test"
 
 
-async def test_with_jwt_auth_a_missing_token_shows_401_and_a_good_token_works(
-    manager: ShareDataManager, servers: list[RealtimeServer], page: Page
-) -> None:
-    signing = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    authorities = AuthorizedAuthorities()
-    authorities.add(
-        AuthorizationAudience.SHAREDATA,
-        ISSUER,
-        signing.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-    )
-    server = await start_server(manager, servers, authenticate=create_share_data_authenticate(authorities=authorities))
-    now = int(time.time())
-    token = jwt.encode(
-        {"iss": ISSUER, "aud": AuthorizationAudience.SHAREDATA.value, "sub": "alice", "iat": now - 5, "exp": now + 300},
-        signing,
-        algorithm="RS256",
-    )
-    from playwright.async_api import expect
+class Issuer:
+    """A real RSA issuer key, trusted by the servers it starts, and its tokens."""
 
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.authorities = AuthorizedAuthorities()
+        self.authorities.add(
+            AuthorizationAudience.SHAREDATA,
+            ISSUER,
+            self.key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        )
+
+    def token(self, lifetime: float = 300) -> str:
+        now = time.time()
+        claims = {"iss": ISSUER, "aud": AuthorizationAudience.SHAREDATA.value, "sub": "alice", "iat": int(now) - 5, "exp": now + lifetime}
+        return jwt.encode(claims, self.key, algorithm="RS256")
+
+    async def server(self, manager: ShareDataManager, servers: list[RealtimeServer]) -> RealtimeServer:
+        return await start_server(manager, servers, authenticate=create_share_data_authenticate(authorities=self.authorities))
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Issuer:
+    return Issuer()
+
+
+async def test_with_jwt_auth_a_missing_token_shows_401_and_a_good_token_works(
+    manager: ShareDataManager, servers: list[RealtimeServer], page: Page, issuer: Issuer
+) -> None:
+    server = await issuer.server(manager, servers)
     await page.open(server)
     await page.expect_connection("closed")
-    await expect(page.page.locator("#notice")).to_have_text(re.compile(r"^401 Unauthorized: the server refused the token"), timeout=MS)
+    await expect(page.page.locator("#connection-notice")).to_have_text(re.compile(r"^401 Unauthorized: the server refused the token"), timeout=MS)
     assert await page.page.locator("#share-data-list button").count() == 0
     assert page.sent == []  # no WebSocket was even opened
 
-    await page.page.fill("#token", token)
+    await page.page.fill("#token", issuer.token())
     await page.page.click("#connect")
     await page.expect_connection("open")
-    await expect(page.page.locator("#notice")).to_be_hidden(timeout=MS)
+    await expect(page.page.locator("#connection-notice")).to_be_hidden(timeout=MS)
     await page.select("counter")
     assert await page.shown_state() == {"count": 0}
 
     # The token also works from the page's own URL.
-    await page.open(server, f"?token={token}")
+    await page.open(server, f"?token={issuer.token()}")
     await page.expect_connection("open")
+
+
+async def test_a_token_that_expires_closes_with_4002_and_the_page_stops(
+    manager: ShareDataManager, servers: list[RealtimeServer], page: Page, issuer: Issuer
+) -> None:
+    server = await issuer.server(manager, servers)
+    await page.open(server, f"?token={issuer.token(lifetime=2)}")
+    await page.expect_connection("open")
+    await page.expect_connection("closed")
+    await expect(page.page.locator("#connection-notice")).to_have_text(
+        "Unauthorized: connection closed: 4002 unauthorized: the credentials were rejected or have expired (token expired)",
+        timeout=MS,
+    )
+    # Stopped: the badge says why, not "reconnecting".
+    assert await page.page.locator("#connection-detail").inner_text() == (
+        "connection closed: 4002 unauthorized: the credentials were rejected or have expired (token expired)"
+    )
+
+
+async def test_an_unknown_id_is_refused_with_4003_and_the_page_resumes(server: RealtimeServer, page: Page) -> None:
+    await page.open(server)
+    await page.expect_connection("open")
+    await page.page.fill("#subscribe-id", "no-such-id")
+    await page.page.press("#subscribe-id", "Enter")
+    await expect(page.page.locator("#notice")).to_have_text(
+        "Subscription to no-such-id refused: unknown-share-data: shareDataId no-such-id not found", timeout=MS
+    )
+    # The server closed with 4003; the page dropped that subscription and came back at once.
+    await wait_for(
+        lambda: page.page.locator("#connection-state").inner_text(), lambda text: text == "open", "open again"
+    )
+    await page.select("counter")
+    assert [m["shareDataId"] for m in page.sent if m.get("type") == "subscribe"] == ["no-such-id", "counter"]
 
 
 # -- rendering ------------------------------------------------------------------------------------------------

@@ -501,6 +501,7 @@ function startPage() {
     connectForm: $("connect-form"),
     token: $("token"),
     disconnect: $("disconnect"),
+    connectionNotice: $("connection-notice"),
     notice: $("notice"),
     list: $("share-data-list"),
     listingNote: $("listing-note"),
@@ -527,7 +528,8 @@ function startPage() {
     connection: IDLE,
     detail: "",
     rtt: null,
-    notice: null,
+    connectionNotice: null, // why the connection is not open; cleared when it opens
+    notice: null, // the latest other problem or news, { text, level }
     listing: null, // null: not known; [] when the server holds nothing
     listingVersion: 0,
     selected: null,
@@ -569,7 +571,7 @@ function startPage() {
         break;
       }
       case "open":
-        if (model.notice && model.notice.level !== "info") model.notice = null;
+        model.connectionNotice = null;
         ping();
         clearInterval(pinger);
         pinger = setInterval(ping, PING_EVERY_MS);
@@ -580,12 +582,13 @@ function startPage() {
         break;
       case "close": {
         const [code, reason] = args;
-        if (code !== 1000) model.notice = { text: `Connection closed: ${describeClose(code, reason)}`, level: "error" };
+        if (code !== 1000) model.connectionNotice = `Connection closed: ${describeClose(code, reason)}`;
         break;
       }
       case "error": {
         const [error] = args;
-        if (error.kind === "unauthorized") model.notice = { text: error.status === 401 ? UNAUTHORIZED_MESSAGE : `Unauthorized: ${error.message}`, level: "error" };
+        if (error.kind === "unauthorized") model.connectionNotice = error.status === 401 ? UNAUTHORIZED_MESSAGE : `Unauthorized: ${error.message}`;
+        else if (error.kind === "connection-failed" || error.kind === "connection-closed") model.connectionNotice = error.message;
         else if (error.kind === "subscription-rejected") {
           model.notice = { text: `Subscription to ${error.shareDataId} refused: ${error.message}`, level: "error" };
           if (error.shareDataId === model.selected) model.selected = null;
@@ -649,6 +652,7 @@ function startPage() {
       emit: (name, ...args) => onEvent(source, name, ...args),
     });
     client = source;
+    model.connectionNotice = null;
     model.notice = null;
     if (model.selected) subscribeSelected();
     source.connect();
@@ -670,6 +674,7 @@ function startPage() {
     if (!id) return;
     if (client && model.selected && model.selected !== id) client.unsubscribe(model.selected);
     model.selected = id;
+    model.notice = null;
     model.hasState = false;
     model.currentState = undefined;
     model.stateVersion += 1;
@@ -730,6 +735,8 @@ function startPage() {
     el.rtt.textContent = model.rtt === null ? "" : `ping ${(model.rtt * 1000).toFixed(1)} ms`;
     el.disconnect.disabled = !client;
 
+    el.connectionNotice.hidden = !model.connectionNotice;
+    el.connectionNotice.textContent = model.connectionNotice || "";
     el.notice.hidden = !model.notice;
     el.notice.textContent = model.notice ? model.notice.text : "";
     el.notice.dataset.level = model.notice ? model.notice.level : "";
