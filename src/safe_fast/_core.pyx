@@ -138,8 +138,9 @@ cdef class Flusher:
 cdef class Outbox:
     """The write side of one connection, with coalescing and accounting."""
 
-    def __init__(self, transport, Flusher flusher, Py_ssize_t max_buffered_bytes):
+    def __init__(self, transport, Flusher flusher, Py_ssize_t max_buffered_bytes, websocket=None):
         self.transport = transport
+        self.websocket = websocket
         self.flusher = flusher
         self.max_buffered_bytes = max_buffered_bytes
         self._head = None
@@ -180,15 +181,17 @@ cdef class Outbox:
         if not self._open:
             return False
         size = PyBytes_GET_SIZE(frame)
-        total = self._transport_bytes + self._queued + size
-        if total > self.max_buffered_bytes:
+        if self._transport_bytes + self._queued + size > self.max_buffered_bytes:
+            # Queued frames are not behind: send them now, judge what is left.
+            if self._queued:
+                self._flush()
             self._transport_bytes = self._get_write_buffer_size()
-            total = self._transport_bytes + self._queued + size
+            total = self._transport_bytes + size
             # The cap bounds a backlog, not a frame: with nothing buffered,
             # any one frame goes.
             if total > self.max_buffered_bytes and total != size:
                 self._open = False
-                self.on_overflow(total - size)
+                self.on_overflow(self._transport_bytes)
                 return False
         if self._frames is not None:
             self._frames.append(frame)
@@ -210,7 +213,7 @@ cdef class Outbox:
         self._head = None
         self._frames = None
         self._queued = 0
-        if self._is_closing():
+        if self._is_closing() or (self.websocket is not None and self.websocket.is_close_frame_sent):
             return 0
         if frames is not None:
             data = self.flusher.join(frames)

@@ -71,6 +71,7 @@ from ..messages import (
     parse_client_message,
 )
 from ..registry import ChannelRegistry
+from ..sharedata import RuleError
 from ..replay import ReplayEntry, ReplayStore
 
 __all__ = [
@@ -148,7 +149,8 @@ def _error_text(exc: BaseException) -> str:
     # KeyError quotes its message; the wire wants the words themselves.
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         return exc.args[0]
-    return str(exc)
+    # An exception without words is named by its type rather than sent as "".
+    return str(exc) or type(exc).__name__
 
 
 async def _resolve(value: Any) -> Any:
@@ -355,8 +357,12 @@ class ServerConnection(core.Outbox):
         context: Any = None,
         authenticating: bool = False,
         connection_id: Optional[str] = None,
+        websocket: Any = None,
     ) -> None:
-        super().__init__(write_transport, hub.flusher, hub.max_buffered_bytes)
+        # ``websocket``: the WebSocket layer's transport, when it can send a
+        # close frame on its own (see close_frame_sent); the outbox writes
+        # nothing once it has.
+        super().__init__(write_transport, hub.flusher, hub.max_buffered_bytes, websocket)
         self.hub = hub
         self.control = control
         self.id = connection_id or str(uuid.uuid4())
@@ -372,6 +378,9 @@ class ServerConnection(core.Outbox):
         # connection holds neither (an empty deque alone is ~0.75 KiB).
         self._inbox: Optional[deque[tuple[bytes, bool]]] = None
         self._worker: Optional[asyncio.Task[None]] = None
+        # True while the worker is inside a message (so suspended on a hook
+        # whenever anything else runs): what arrives then waits behind it.
+        self._handling = False
         self._timers: Optional[list[asyncio.TimerHandle]] = None
 
     def __repr__(self) -> str:
@@ -423,14 +432,28 @@ class ServerConnection(core.Outbox):
         """Send a close frame, stop taking frames; disconnect on the peer's reply or a timeout."""
         if self._state >= _CLOSING:
             return
-        self._state = _CLOSING
-        self._inbox = None
-        self.close_outbox(flush)
-        self._leave_channels()
+        self._stop(flush)
         try:
             self.control.send_close(code, reason.encode())
         except Exception:
             logger.debug("send_close failed on %s", self.id, exc_info=True)
+
+    def close_frame_sent(self) -> None:
+        """The WebSocket layer sent a close frame itself (a framing error it found).
+
+        From then on, as after :meth:`close`, nothing is sent and nothing
+        received is acted on.
+        """
+        if self._state < _CLOSING:
+            self._stop(flush=False)
+
+    def _stop(self, flush: bool) -> None:
+        # Everything that must hold from the moment a close frame is decided:
+        # no queued message runs, no live frame is sent, no channel delivers.
+        self._state = _CLOSING
+        self._inbox = None
+        self.close_outbox(flush)
+        self._leave_channels()
         self.call_later(self.hub.close_timeout, self.abort)
 
     def abort(self) -> None:
@@ -491,7 +514,14 @@ class ServerConnection(core.Outbox):
             self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if self._inbox is not None and len(self._inbox) >= MAX_PENDING_MESSAGES:
+        if (
+            (self._handling or self._state == _AUTHENTICATING)
+            and self._inbox is not None
+            and len(self._inbox) >= MAX_PENDING_MESSAGES
+        ):
+            # Only messages waiting behind a hook (``authenticate`` included)
+            # count: a burst that one socket read delivered is answered in
+            # order, however long.
             self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
             return
         self._enqueue(payload, binary)
@@ -511,10 +541,13 @@ class ServerConnection(core.Outbox):
         try:
             while self._inbox and self._state == _OPEN:
                 payload, binary = self._inbox.popleft()
+                self._handling = True
                 try:
                     await self._handle(payload, binary)
                 except Exception:
                     logger.exception("unexpected failure handling a message on %s", self.id)
+                finally:
+                    self._handling = False
         finally:
             self._worker = None
             if not self._inbox:
@@ -647,6 +680,10 @@ class ServerConnection(core.Outbox):
             outcome = await hub.manager.apply_transaction(
                 share_data_id, message.proposed_data, function, message.proof
             )
+        except RuleError as exc:
+            # The rule's own words, as the reference server sends them; the
+            # RuleError wrapper is for Python callers.
+            return reject(_error_text(exc.__cause__ if exc.__cause__ is not None else exc))
         except Exception as exc:
             return reject(_error_text(exc))
         # The transaction frame reaches subscribers through the manager event.
