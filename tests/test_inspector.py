@@ -10,6 +10,7 @@ fails the test.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -148,11 +149,13 @@ class Page:
 
 
 async def wait_for(read: Callable[[], Any], holds: Callable[[Any], bool], what: str) -> Any:
-    """Read (awaiting) until ``holds(value)``; fail after :data:`DEADLINE`."""
+    """Read (awaiting what is awaitable) until ``holds(value)``; fail after :data:`DEADLINE`."""
     deadline = time.monotonic() + DEADLINE
     while True:
         try:
-            value = await read()
+            value = read()
+            if inspect.isawaitable(value):
+                value = await value
         except (ValueError, json.JSONDecodeError):
             value = None
         if value is not None and holds(value):
@@ -323,9 +326,10 @@ async def test_a_killed_and_restarted_server_is_resumed_from_the_cursor(
     # Killed: every connection dropped without a close frame, nothing listening.
     for connection in first.connections:
         connection.abort()
+    await wait_for(lambda: first.connections, lambda open_: not open_, "the aborted connections gone")
     await first.close()
     await page.expect_connection("reconnecting")
-    await expect(page.page.locator("#connection-notice")).to_have_text(
+    await expect(page.page.locator("#connection-notice")).to_contain_text(
         "Connection closed: 1006 connection lost without a close frame: the server is gone or unreachable", timeout=MS
     )
     # What happens while the page is away: transactions 2..4.

@@ -529,6 +529,7 @@ function startPage() {
     detail: "",
     rtt: null,
     connectionNotice: null, // why the connection is not open; cleared when it opens
+    closeNotice: null, // how the last open connection ended
     notice: null, // the latest other problem or news, { text, level }
     listing: null, // null: not known; [] when the server holds nothing
     listingVersion: 0,
@@ -571,7 +572,7 @@ function startPage() {
         break;
       }
       case "open":
-        model.connectionNotice = null;
+        model.closeNotice = model.connectionNotice = null;
         ping();
         clearInterval(pinger);
         pinger = setInterval(ping, PING_EVERY_MS);
@@ -582,13 +583,16 @@ function startPage() {
         break;
       case "close": {
         const [code, reason] = args;
-        if (code !== 1000) model.connectionNotice = `Connection closed: ${describeClose(code, reason)}`;
+        if (code !== 1000) model.closeNotice = model.connectionNotice = `Connection closed: ${describeClose(code, reason)}`;
         break;
       }
       case "error": {
         const [error] = args;
         if (error.kind === "unauthorized") model.connectionNotice = error.status === 401 ? UNAUTHORIZED_MESSAGE : `Unauthorized: ${error.message}`;
-        else if (error.kind === "connection-failed" || error.kind === "connection-closed") model.connectionNotice = error.message;
+        else if (error.kind === "connection-failed") {
+          // Keep saying why the connection was lost; add how the retry went.
+          model.connectionNotice = model.closeNotice ? `${model.closeNotice}. Retrying: ${error.message}` : error.message;
+        } else if (error.kind === "connection-closed") model.connectionNotice = error.message;
         else if (error.kind === "subscription-rejected") {
           model.notice = { text: `Subscription to ${error.shareDataId} refused: ${error.message}`, level: "error" };
           if (error.shareDataId === model.selected) model.selected = null;
@@ -652,7 +656,7 @@ function startPage() {
       emit: (name, ...args) => onEvent(source, name, ...args),
     });
     client = source;
-    model.connectionNotice = null;
+    model.closeNotice = model.connectionNotice = null;
     model.notice = null;
     if (model.selected) subscribeSelected();
     source.connect();
