@@ -26,12 +26,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from safe_fast import (
+    CLOSE_FELL_BEHIND,
+    CLOSE_INVALID_MESSAGE,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNKNOWN_SHARE_DATA,
+    Backoff,
     InMemoryReplayStore,
     RealtimeClient,
     RealtimeServer,
     ShareDataManager,
     attach_realtime_server,
     create_id_based_function_resolver,
+    next_backoff_delay,
 )
 from safe_fast.auth import AuthorizationAudience, AuthorizedAuthorities, create_share_data_authenticate
 from safe_fast.examples import counter, tasks
@@ -438,6 +444,28 @@ async def test_an_unknown_id_is_refused_with_4003_and_the_page_resumes(server: R
     )
     await page.select("counter")
     assert [m["shareDataId"] for m in page.sent if m.get("type") == "subscribe"] == ["no-such-id", "counter"]
+
+
+async def test_the_page_backs_off_like_the_python_client_and_names_every_close_code(
+    server: RealtimeServer, page: Page
+) -> None:
+    await page.open(server)
+    await page.expect_connection("open")
+    randoms = [0.0, 0.25, 0.5, 0.999]
+    delays, meanings = await page.page.evaluate(
+        """async (randoms) => {
+            const module = await import("/inspector/inspector.js");
+            const delays = [];
+            for (let attempt = 0; attempt < 10; attempt += 1)
+                for (const r of randoms) delays.push(module.nextBackoffDelay(attempt, module.DEFAULT_BACKOFF, () => r));
+            return [delays, module.CLOSE_MEANINGS];
+        }""",
+        randoms,
+    )
+    expected = [next_backoff_delay(attempt, Backoff(), lambda r=r: r) for attempt in range(10) for r in randoms]
+    assert delays == pytest.approx(expected)
+    for code in (CLOSE_FELL_BEHIND, CLOSE_UNAUTHORIZED, CLOSE_UNKNOWN_SHARE_DATA, CLOSE_INVALID_MESSAGE, 1000, 1001, 1006, 1009):
+        assert meanings[str(code)], code
 
 
 # -- rendering ------------------------------------------------------------------------------------------------

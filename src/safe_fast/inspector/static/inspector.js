@@ -553,11 +553,6 @@ function startPage() {
     requestAnimationFrame(render);
   }
 
-  function notify(text, level = "error") {
-    model.notice = text ? { text, level } : null;
-    invalidate();
-  }
-
   function onEvent(source, name, ...args) {
     if (source !== client) return; // a client the page has replaced
     switch (name) {
@@ -628,6 +623,8 @@ function startPage() {
       } else {
         model.notice = { text: `ShareData ${frame.shareDataId} was removed`, level: "info" };
         model.selected = null;
+        model.hasState = false;
+        model.stateVersion += 1;
       }
       model.newEntries.push({ id: "", lifecycle: frame.event, time });
     }
@@ -695,7 +692,8 @@ function startPage() {
     try {
       client.subscribe(model.selected);
     } catch (error) {
-      notify(error.message);
+      model.notice = { text: error.message, level: "error" };
+      invalidate();
     }
   }
 
