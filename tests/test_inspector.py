@@ -260,6 +260,29 @@ async def test_a_transaction_by_another_client_appears(server: RealtimeServer, p
     assert await page.page.locator("#cursor").inner_text() == "cursor (last transaction id): 1"
 
 
+async def test_a_replacement_and_a_removal_show_in_the_page(
+    server: RealtimeServer, page: Page, manager: ShareDataManager
+) -> None:
+    await page.open(server)
+    await page.select("counter")
+    manager.update_share_data(counter.make_counter(count=41))
+    await page.wait_for_state({"count": 41})
+    await wait_for(page.log_rows, lambda rows: rows and rows[0][1:3] == ["updated", "lifecycle"], "the updated row")
+    manager.remove_share_data_by_id("counter")
+    await expect(page.page.locator("#notice")).to_have_text("ShareData counter was removed", timeout=MS)
+    await expect(page.page.locator("#selected-heading")).to_have_text("Select a ShareData", timeout=MS)
+    assert await page.page.locator("#state").inner_text() == ""
+    assert (await page.log_rows())[0][1:3] == ["removed", "lifecycle"]
+    assert await page.page.locator("#connection-state").inner_text() == "open"
+    # The list follows: the removed id goes at once, an added one on Refresh.
+    ids = page.page.locator("#share-data-list button")
+    await expect(ids).to_have_count(1, timeout=MS)
+    manager.add_share_data(counter.make_counter("counter-2"))
+    await page.page.click("#refresh")
+    await expect(ids).to_have_count(2, timeout=MS)
+    assert await ids.evaluate_all("buttons => buttons.map(b => b.dataset.id)") == ["tasks", "counter-2"]
+
+
 # -- proposing --------------------------------------------------------------------------------------------
 
 

@@ -501,6 +501,7 @@ function startPage() {
     connectForm: $("connect-form"),
     token: $("token"),
     disconnect: $("disconnect"),
+    refresh: $("refresh"),
     connectionNotice: $("connection-notice"),
     notice: $("notice"),
     list: $("share-data-list"),
@@ -625,10 +626,21 @@ function startPage() {
         model.selected = null;
         model.hasState = false;
         model.stateVersion += 1;
+        refreshListing();
       }
       model.newEntries.push({ id: "", lifecycle: frame.event, time });
     }
     if (model.newEntries.length > MAX_LOG_ENTRIES) model.newEntries.splice(0, model.newEntries.length - MAX_LOG_ENTRIES);
+  }
+
+  /** Ask for the listing again (it is otherwise fetched on each connection attempt). */
+  function refreshListing() {
+    if (!client) return;
+    const source = client;
+    source.fetchListing().then(
+      (listing) => onEvent(source, "listing", listing),
+      (error) => onEvent(source, "error", error),
+    );
   }
 
   function ping() {
@@ -831,6 +843,7 @@ function startPage() {
     connect();
   });
   el.disconnect.addEventListener("click", disconnect);
+  el.refresh.addEventListener("click", refreshListing);
   el.list.addEventListener("click", (event) => {
     const button = event.target.closest("button[data-id]");
     if (button) select(button.dataset.id);
