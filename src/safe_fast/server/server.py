@@ -526,6 +526,7 @@ async def attach_realtime_server(
     ssl: Optional[ssl_module.SSLContext] = None,
     backlog: Optional[int] = None,
     replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+    inspector: bool = False,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -544,6 +545,8 @@ async def attach_realtime_server(
     system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
     with ``since`` waits for the replay store before it answers ``state`` and
     ``replay-cursor-not-found``.
+    ``inspector=True`` serves the browser inspector page at ``/`` (see
+    ``safe_fast.inspector``).
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -577,5 +580,9 @@ async def attach_realtime_server(
         backlog=backlog,
         replay_timeout=replay_timeout,
     )
+    if inspector:
+        from ..inspector import install_inspector
+
+        install_inspector(server, authorize_subscribe=authorize_subscribe)
     await server._start(host, port, sock)
     return server
