@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
+from .server.connection import DEFAULT_REPLAY_TIMEOUT
+
 __all__ = [
     "ConfigError",
     "IssuerSettings",
@@ -253,6 +255,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _host, "127.0.0.1", "address to listen on", "ADDR"),
     Option("port", _integer(0), 8000, "TCP port (0: any free port)", "PORT"),
     Option("path", _path, "/realtime", "WebSocket path", "PATH"),
+    Option("backlog", _integer(1), None, "listen backlog (default: the system's somaxconn)", "N"),
     Option("ssl_certfile", _nonempty, None, "PEM certificate chain: serve wss:// (and https health) itself", "FILE"),
     Option("ssl_keyfile", _nonempty, None, "PEM private key of ssl_certfile", "FILE"),
     # shared state
@@ -271,6 +274,14 @@ OPTIONS: tuple[Option, ...] = (
         "close_on_token_expiry", _boolean, True, "close a connection with 4002 when its token expires", boolean=True
     ),
     Option("close_timeout", _number(0, above=True), 5.0, "seconds a closing client may take to answer", "SECONDS"),
+    Option(
+        "replay_timeout",
+        _number(0, above=True),
+        DEFAULT_REPLAY_TIMEOUT,
+        "seconds a resuming subscribe waits for the replay store",
+        "SECONDS",
+    ),
+    Option("inspector", _boolean, False, "serve the browser inspector page at /", boolean=True),
     # admission
     Option("allowed_origins", _origins, (), "Origins allowed to connect (comma list; empty: any)", "ORIGINS"),
     Option("message_rate_limit", _number(0), 200.0, "messages per second per connection (0: no limit)", "PER_SECOND"),
@@ -564,6 +575,8 @@ def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[str]:
 
 def _check_together(settings: Settings) -> None:
     """Checks that involve more than one setting, or the platform."""
+    if settings.values["inspector"] and settings.values["path"] == "/":
+        raise ConfigError("path", "/ is the inspector page's path (with inspector on)", settings.sources["path"])
     if bool(settings.values["ssl_certfile"]) != bool(settings.values["ssl_keyfile"]):
         given, missing = (
             ("ssl_certfile", "ssl_keyfile") if settings.values["ssl_certfile"] else ("ssl_keyfile", "ssl_certfile")

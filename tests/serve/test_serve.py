@@ -40,7 +40,7 @@ async def counter() -> AsyncIterator[Serve]:
 
 
 async def test_the_shipped_counter_app_serves_out_of_the_box() -> None:
-    serve = Serve("safe_fast.examples.counter:app")
+    serve = Serve("safe_fast.examples.counter:app", "--inspector")
     await asyncio.to_thread(serve.start)
     try:
         assert http_get(serve.http("/healthz")) == (200, '{"status":"ok"}')
@@ -50,6 +50,8 @@ async def test_the_shipped_counter_app_serves_out_of_the_box() -> None:
         await ws.close()
         status, body = http_get(serve.http("/realtime"))
         assert status == 426, body
+        status, body = http_get(serve.http("/"))  # the inspector page
+        assert status == 200 and "<html" in body.lower()
     finally:
         await asyncio.to_thread(serve.stop)
 
