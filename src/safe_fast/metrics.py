@@ -10,7 +10,7 @@ reports, so nothing here runs per delivery:
 
 * the server's events: ``connection:opened`` / ``connection:closed`` (the
   connection gauge, closes by code), ``connection:overflow``,
-  ``replay:write-failed``;
+  ``replay:write-failed``, ``replay:timeout``;
 * the manager's events: one broadcast per transaction, update or removal;
 * the registry's ``fanout_observer``: called once per fan-out with the
   number of subscribers reached, so a broadcast to 1,000 subscribers costs
@@ -90,6 +90,9 @@ class ServerMetrics:
         )
         self.redis_errors = counter("safe_fast_redis_errors", "Failures reported by the Redis channel registry.")
         self.replay_write_failures = counter("safe_fast_replay_write_failures", "Replay-store writes that failed.")
+        self.replay_timeouts = counter(
+            "safe_fast_replay_timeouts", "Resuming subscribes answered without replay: the replay store was too slow."
+        )
         self.rate_limited = counter(
             "safe_fast_rate_limited", "Connections closed (1008) for sending messages too fast."
         )
@@ -124,6 +127,7 @@ class ServerMetrics:
         server.on("connection:closed", self._closed)
         server.on("connection:overflow", lambda event: self.overflow_closes.inc())
         server.on("replay:write-failed", lambda event: self.replay_write_failures.inc())
+        server.on("replay:timeout", lambda event: self.replay_timeouts.inc())
         server.on("connection:rate-limited", lambda event: self.rate_limited.inc())
         server.on("connection:refused", lambda event: self.admission_refusals.labels(event.reason).inc())
         for event in ("share-data:transaction", "share-data:updated", "share-data:removed"):
