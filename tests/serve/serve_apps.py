@@ -31,8 +31,10 @@ def workers(manager: ShareDataManager) -> Any:
 
 
 def erroring(manager: ShareDataManager) -> Any:
-    """The counter, with an ``authorize_propose`` that raises for the function ``boom``."""
+    """The counter, with an ``authorize_propose`` that raises for the function ``boom``;
+    and ``big``, whose function ``set`` accepts any state (large broadcasts on demand)."""
     hooks = dict(counter_app(manager))
+    manager.add_share_data(ShareData("big", current_state={}, functions=[ShareFunction("set", lambda old, new: True)]))
 
     def authorize_propose(context: Any, share_data_id: str, function_id: str) -> bool:
         if function_id == "boom":

@@ -60,11 +60,13 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> float
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-async def propose(ws: Any, correlation_id: str, data: Any, function_id: str = "increment") -> dict[str, Any]:
+async def propose(
+    ws: Any, correlation_id: str, data: Any, function_id: str = "increment", share_data_id: str = "counter"
+) -> dict[str, Any]:
     await ws.send(
         wire(
             type="propose",
-            shareDataId="counter",
+            shareDataId=share_data_id,
             functionId=function_id,
             proposedData=data,
             correlationId=correlation_id,
@@ -111,11 +113,10 @@ async def test_metrics_count_a_scripted_session(counter: Serve) -> None:
     assert delta(before, after, 'safe_fast_connections_closed_total{code="1000"}') == 3
 
     # A subscriber that stops reading falls behind and is closed with 4001.
-    await proposer.send(wire(type="unsubscribe", shareDataId="counter"))
-    slow, _ = await subscribed(counter.url, max_queue=1)
+    slow, _ = await subscribed(counter.url, "big", max_queue=1)
     pad = "x" * 256_000
-    for count in range(2, 200):
-        assert (await propose(proposer, f"p{count}", {"count": count, "pad": pad}))["accepted"] is True
+    for count in range(200):
+        assert (await propose(proposer, f"p{count}", {"pad": pad, "n": count}, "set", "big"))["accepted"] is True
         if count % 4 == 0 and delta(before, metrics(counter), "safe_fast_overflow_closes_total") >= 1:
             break
     after = metrics(counter)
