@@ -200,6 +200,17 @@ def wire(**fields: Any) -> str:
     return json.dumps({"v": 1, **fields})
 
 
+def proposal(correlation_id: str, data: Any, function_id: str = "increment", share_data_id: str = "counter") -> str:
+    """A ``propose`` message."""
+    return wire(
+        type="propose",
+        shareDataId=share_data_id,
+        functionId=function_id,
+        proposedData=data,
+        correlationId=correlation_id,
+    )
+
+
 async def connect(url: str, **kwargs: Any) -> ClientConnection:
     return await asyncio.wait_for(
         ws_connect(url, compression=None, proxy=None, ping_interval=None, max_size=None, **kwargs), DEADLINE

@@ -97,7 +97,12 @@ def bad_settings(tmp_path: Path) -> list[tuple[str, list[str], dict[str, str], s
     return [
         ("port not a number", [COUNTER, "--port", "abc"], {}, "port (--port): must be an integer"),
         ("backlog of 0", [COUNTER, "--backlog", "0"], {}, "backlog (--backlog): must be at least 1"),
-        ("inspector on the WebSocket path", [COUNTER, "--inspector", "--path", "/"], {}, "path (--path): / is the inspector"),
+        (
+            "inspector on the WebSocket path",
+            [COUNTER, "--inspector", "--path", "/"],
+            {},
+            "path (--path): / is the inspector",
+        ),
         (
             "negative heartbeat",
             [COUNTER],

@@ -21,6 +21,7 @@ from serve_helpers import (
     eventually,
     http_get,
     metrics,
+    proposal,
     recv_type,
     subscribed,
     wire,
@@ -60,18 +61,9 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> float
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-async def propose(
-    ws: Any, correlation_id: str, data: Any, function_id: str = "increment", share_data_id: str = "counter"
-) -> dict[str, Any]:
-    await ws.send(
-        wire(
-            type="propose",
-            shareDataId=share_data_id,
-            functionId=function_id,
-            proposedData=data,
-            correlationId=correlation_id,
-        )
-    )
+async def propose(ws: Any, correlation_id: str, data: Any, *target: str) -> dict[str, Any]:
+    """Propose (``target``: function id and ShareData id, default the counter's increment) and await the result."""
+    await ws.send(proposal(correlation_id, data, *target))
     return await recv_type(ws, "proposal-result")
 
 
@@ -82,7 +74,7 @@ async def test_metrics_count_a_scripted_session(counter: Serve) -> None:
 
     assert (await propose(proposer, "a", {"count": 1}))["accepted"] is True
     assert (await propose(proposer, "r", {"count": 5}))["accepted"] is False
-    errored = await propose(proposer, "e", {"count": 2}, function_id="boom")
+    errored = await propose(proposer, "e", {"count": 2}, "boom")
     assert errored["accepted"] is False and "boom" in errored["error"]
     for ws in subscribers:  # both transactions (accepted and rejected) reach every subscriber
         assert (await recv_type(ws, "transaction"))["transactionId"] == "1"
@@ -144,9 +136,7 @@ async def test_sigterm_finishes_proposals_closes_with_1001_and_clients_resume(tm
         subscription.on("state", states.append)
         await eventually(lambda: states, "the client's state frame")
 
-        await watchers[0].send(
-            wire(type="propose", shareDataId="slow", functionId="wait", proposedData={}, correlationId="slow-1")
-        )
+        await watchers[0].send(proposal("slow-1", {}, "wait", "slow"))
         await asyncio.sleep(0.1)  # the proposal is being evaluated (it takes 1.2 s)
         serve.signal(signal.SIGTERM)
 

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("redis.asyncio", reason="the redis extra is not installed")
 
-from serve_helpers import Serve, eventually, http_get, metrics, recv_type, subscribed, wire  # noqa: E402
+from serve_helpers import Serve, eventually, http_get, metrics, proposal, recv_type, subscribed, wire  # noqa: E402
 from test_scaleout import REDIS_SERVER, RedisProcess  # noqa: E402
 
 pytestmark = [
@@ -52,15 +52,7 @@ async def test_readyz_is_503_while_redis_is_down_and_200_again_after(redis: Redi
         await eventually(lambda: http_get(serve.http("/readyz"))[0] == 200, "readyz 200 again")
         # and it serves: a broadcast through the restarted Redis reaches a subscriber
         ws, _ = await subscribed(serve.url)
-        await ws.send(
-            wire(
-                type="propose",
-                shareDataId="counter",
-                functionId="increment",
-                proposedData={"count": 1},
-                correlationId="c",
-            )
-        )
+        await ws.send(proposal("c", {"count": 1}))
         assert (await recv_type(ws, "transaction"))["transactionId"] == "1"
         await ws.close()
     finally:
@@ -100,15 +92,7 @@ async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_
 
         # One client proposes; every client on every worker gets the transaction.
         proposer = clients[0]
-        await proposer.send(
-            wire(
-                type="propose",
-                shareDataId="counter",
-                functionId="increment",
-                proposedData={"count": 1},
-                correlationId="w",
-            )
-        )
+        await proposer.send(proposal("w", {"count": 1}))
         for ws in clients:
             frame = await recv_type(ws, "transaction")
             assert frame["currentState"] == {"count": 1}
