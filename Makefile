@@ -62,9 +62,10 @@ test-compiled: venv
 test-pure: venv
 	SAFE_FAST_PURE_PYTHON=1 $(PY) -m pytest -q -m 'not packaging'
 
-## The main job: a loopback demo server on the in-memory default.
+## The main job: a demo server to watch in a browser (the inspector), on the in-memory default.
+## Serves until Ctrl-C; DEMO_SECONDS=N stops it after N seconds.
 demo: venv
-	$(PY) -m safe_fast.examples.loopback_demo
+	$(PY) -m safe_fast.examples.demo
 
 ## Benchmarks (pytest-benchmark): micro and end-to-end fan-out, both cores.
 bench: venv

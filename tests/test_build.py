@@ -131,9 +131,11 @@ def test_a_broken_compiled_core_is_named_in_the_warning(tmp_path: Path) -> None:
 
 
 def expected_report_lines(core: str) -> list[str]:
-    python = f"{sys.implementation.name.replace('cpython', 'CPython')} {'.'.join(map(str, sys.version_info[:3]))}"
-    lines = [f"safe_fast {safe_fast.__version__}", f"core: {core}"]  # a core ending in a space is a prefix
-    lines.append(f"python: {python} ")  # then platform and machine
+    backend = "cython" if core.startswith("compiled") else "python"
+    python_version = ".".join(map(str, sys.version_info[:3]))
+    summary = f"safe-fast {safe_fast.__version__} (core: {backend}, Python {python_version})"
+    lines = [summary, f"core: {core}"]  # a core ending in a space is a prefix
+    lines.append(f"python: CPython {python_version} ")  # then platform and machine
     for name in ("picows", "uvloop", "orjson"):
         try:
             lines.append(f"{name}: {metadata.version(name)}")
@@ -176,7 +178,7 @@ def test_version_report_says_why_the_pure_core_runs(tmp_path: Path) -> None:
     )
 
 
-def test_the_module_without_arguments_prints_its_usage() -> None:
+def test_an_unknown_option_prints_the_usage() -> None:
     result = run([sys.executable, "-m", "safe_fast", "--bogus"], env=clean_env(), timeout=60)
     assert result.returncode == 2 and "usage:" in result.stderr, result.stderr
 

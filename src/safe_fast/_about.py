@@ -1,4 +1,4 @@
-"""The version report: what ``python -m safe_fast --version`` prints.
+"""The version report: what ``safe-fast --version`` (``python -m safe_fast --version``) prints.
 
 One place that says which build is running (package version, core and why
 the pure core runs if it does, interpreter, and the versions of the libraries
@@ -25,7 +25,7 @@ def _distribution_version(name: str) -> str:
 
 
 def version_report() -> str:
-    """Multi-line report: version, core (with the fallback reason), Python, libraries."""
+    """A summary line, then the core (with the fallback reason), Python and the libraries."""
     from . import __version__
     from ._backend import core_backend, core_fallback_reason
 
@@ -34,7 +34,7 @@ def version_report() -> str:
     if reason is not None:
         core += f" - fallback: {reason}"
     lines = [
-        f"safe_fast {__version__}",
+        f"safe-fast {__version__} (core: {core_backend()}, Python {platform.python_version()})",
         f"core: {core}",
         f"python: {platform.python_implementation()} {platform.python_version()} ({sys.platform}, {platform.machine()})",
     ]
