@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
 
 import pytest
 

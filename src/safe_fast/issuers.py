@@ -167,7 +167,8 @@ class IssuerAuthenticator:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:
             return None
-        source = self.sources.get(claims.get("iss")) if isinstance(claims.get("iss"), str) else None
+        issuer = claims.get("iss")
+        source = self.sources.get(issuer) if isinstance(issuer, str) else None
         kid = header.get("kid")
         if source is None or not isinstance(kid, str) or source.knows(kid):
             return None

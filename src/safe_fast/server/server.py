@@ -168,8 +168,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         pending, self.pending_auth = self.pending_auth, None
         if pending is not None:
             # Never awaited now: close it so it does not warn.
-            (getattr(pending, "close", None) or getattr(pending, "cancel", lambda: None))()
-        transport.send_close(CLOSE_POLICY_VIOLATION, b"too many connections from this address")
+            (getattr(pending, "close", None) or getattr(pending, "cancel", lambda: None))()  # type: ignore[misc]
+        transport.send_close(CLOSE_POLICY_VIOLATION, b"too many connections from this address")  # type: ignore[arg-type]
         transport.disconnect()
         return False
 
