@@ -25,7 +25,7 @@ NEWEST := $(lastword $(VERSIONS))
 define install_into
 	test -x $(1)/bin/python || $(2) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	SAFE_FAST_REQUIRE_COMPILED=1 $(1)/bin/python -m pip install --quiet '.[test,bench,redis,release]' Cython
+	SAFE_FAST_REQUIRE_COMPILED=1 $(1)/bin/python -m pip install --quiet '.[test,bench,redis,release,browser]' Cython
 	$(1)/bin/python -c "import safe_fast; assert safe_fast.core_backend() == 'cython', 'compiled core missing'"
 	touch $(1)/.installed
 endef
