@@ -6,7 +6,7 @@
 # (python3.N on PATH and every pyenv version; see .ci/pythons), each in its
 # own `.venv-3.N`, on the compiled core and then on the pure-Python core.
 # The packaging tests (wheel, sdist, fresh installs into every interpreter)
-# run once, on the newest interpreter.
+# and the browser tests run on the newest interpreter only (see NOT_ON_OLDER).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -44,14 +44,20 @@ test:
 pythons:
 	@sh .ci/pythons
 
+# Tests that run on the newest interpreter only: the packaging tests (they
+# build and install the project for every interpreter themselves, once is
+# enough) and the browser tests (the same page in Chromium whatever the
+# Python; they still run on both cores there).
+NOT_ON_OLDER := -m 'not packaging' --ignore=tests/test_inspector.py
+
 # Per interpreter: .venv-3.N and test-3.N.
 define per_version
 .venv-$(1)/.installed: $(SOURCES)
 	$$(call install_into,.venv-$(1),$(2))
 
 test-$(1): .venv-$(1)/.installed
-	SAFE_FAST_REQUIRE_COMPILED=1 .venv-$(1)/bin/python -m pytest -q $(if $(filter $(1),$(NEWEST)),,-m 'not packaging')
-	SAFE_FAST_PURE_PYTHON=1 .venv-$(1)/bin/python -m pytest -q -m 'not packaging'
+	SAFE_FAST_REQUIRE_COMPILED=1 .venv-$(1)/bin/python -m pytest -q $(if $(filter $(1),$(NEWEST)),,$(NOT_ON_OLDER))
+	SAFE_FAST_PURE_PYTHON=1 .venv-$(1)/bin/python -m pytest -q $(if $(filter $(1),$(NEWEST)),-m 'not packaging',$(NOT_ON_OLDER))
 endef
 $(foreach i,$(shell seq 1 2 $(words $(FOUND))),$(eval $(call per_version,$(word $(i),$(FOUND)),$(word $(shell expr $(i) + 1),$(FOUND)))))
 
