@@ -195,6 +195,8 @@ class ServerHub:
         # wholesale replacement whose history does not end with it has a
         # history of its own, and the window of the old one must go.
         self._recorded: dict[str, str] = {}
+        # A manager with a store is read through before every snapshot.
+        self._refresh = manager.refresh if getattr(manager, "store", None) is not None else None
 
     # manager wiring
 
@@ -229,6 +231,10 @@ class ServerHub:
 
     def _on_updated(self, event: Any) -> None:
         share_data_id = event.share_data_id
+        if getattr(event, "remote", False):
+            # Another node replaced it and broadcast `lifecycle updated` itself.
+            self._recorded.pop(share_data_id, None)
+            return
         recorded = self._recorded.get(share_data_id)
         share_data = event.share_data
         history = share_data.transaction_history if share_data is not None else None
@@ -242,8 +248,19 @@ class ServerHub:
     def _on_removed(self, event: Any) -> None:
         share_data_id = event.share_data_id
         self._recorded.pop(share_data_id, None)
+        if getattr(event, "remote", False):
+            # Another node removed it and broadcast `lifecycle removed`; the
+            # frame is on its way through the shared registry: drop this
+            # node's subscribers once it had time to reach them.
+            self.flusher.loop.call_later(REMOTE_REMOVAL_GRACE, self._drop_removed_channel, share_data_id)
+            return
         self._store_call("forget", share_data_id)
         self.broadcast(share_data_id, LifecycleFrame(share_data_id, "removed"))
+        self._drop_removed_channel(share_data_id)
+
+    def _drop_removed_channel(self, share_data_id: str) -> None:
+        if self.manager.get_share_data_by_id(share_data_id) is not None:
+            return  # registered again meanwhile: its subscribers are new ones
         # Terminal: nobody stays subscribed to a ShareData that is gone.
         remove_channel = self._remove_channel
         for connection in list(self.connections.values()):
@@ -255,6 +272,19 @@ class ServerHub:
                     self._run_hook(self.registry.unsubscribe(share_data_id, connection), "registry.unsubscribe")
         if remove_channel is not None:
             self._run_hook(remove_channel(share_data_id), "registry.remove_channel")
+
+    async def refresh(self, share_data_id: str) -> None:
+        """Read ``share_data_id`` through from the manager's store (no-op without one).
+
+        A store that cannot answer leaves the cached copy in use (logged):
+        a snapshot that may lag behind other nodes beats no snapshot.
+        """
+        if self._refresh is None:
+            return
+        try:
+            await self._refresh(share_data_id)
+        except Exception as exc:
+            logger.warning("reading %r from the store failed; answering from the cached copy: %r", share_data_id, exc)
 
     def broadcast(self, share_data_id: str, message: ServerMessage) -> None:
         """Hand ``message`` to the registry; never raises into the manager."""
@@ -317,6 +347,10 @@ class ServerHub:
 
 _PENDING_WRITES_WAIT = 5.0
 """Seconds a replay waits for the replay-store writes under way for its id."""
+
+REMOTE_REMOVAL_GRACE = 2.0
+"""Seconds this node's subscribers of an id another node removed stay
+registered, for that node's `lifecycle removed` frame to reach them."""
 
 
 def _through_snapshot(entries: list[ReplayEntry], since: str, share_data: Any) -> list[ReplayEntry]:
@@ -569,6 +603,9 @@ class ServerConnection(core.Outbox):
                     ErrorFrame("unauthorized-subscribe", f"not authorized to subscribe to {share_data_id}")
                 )
                 return
+        # Rule 3 of a shared store: the snapshot holds every commit
+        # acknowledged anywhere before this subscribe.
+        await hub.refresh(share_data_id)
         if self._state != _OPEN:
             return
         since = message.since  # "" means no cursor

@@ -32,6 +32,8 @@ class GroupCommitter(Generic[Item]):
         self._name = name
         self._pending: deque[tuple[str, Item, asyncio.Future[Any]]] = deque()
         self._runner: Optional[asyncio.Task[None]] = None
+        self.batches = 0
+        """Batches sent so far (each one database transaction)."""
 
     async def submit(self, key: str, item: Item) -> Any:
         loop = asyncio.get_running_loop()
@@ -65,6 +67,7 @@ class GroupCommitter(Generic[Item]):
             pending.extendleft(reversed(later))
             if not batch:
                 continue
+            self.batches += 1
             try:
                 results = await self._run_batch([item for _, item, _ in batch])
             except asyncio.CancelledError:
