@@ -1,0 +1,113 @@
+"""Acknowledged means durable: SIGKILL a real server process in the middle of
+a proposal storm, restart it on the same database, and find every
+acknowledged transaction there, a history that verifies, and resumed
+clients that continue with consecutive ids. SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from safe_fast import open_store
+from store_helpers import DEADLINE, NodeProcess, postgres_database, store_url_for
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+CLIENTS = 8
+KILL_AFTER_ACKS = 600
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "postgresql":
+        async for url in postgres_database():
+            yield url
+    else:
+        yield store_url_for(request.param, tmp_path)
+
+
+def propose_message(value: Any, correlation_id: str, function_id: str = "put") -> str:
+    return json.dumps(
+        {
+            "v": 1,
+            "type": "propose",
+            "shareDataId": "counter",
+            "functionId": function_id,
+            "proposedData": value,
+            "correlationId": correlation_id,
+        }
+    )
+
+
+async def storm(url: str, client: int, acks: list[tuple[int, int, Any]], stop: asyncio.Event) -> None:
+    """Propose until the connection dies; record (client, transaction id, data) of every acknowledgement."""
+    try:
+        async with ws_connect(url, open_timeout=DEADLINE) as ws:
+            for k in range(100_000):
+                if stop.is_set():
+                    return
+                value = {"client": client, "k": k}
+                await ws.send(propose_message(value, f"{client}-{k}"))
+                result = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
+                assert result["type"] == "proposal-result", result
+                assert result["accepted"] is True, result
+                acks.append((client, int(result["transactionId"]), value))
+    except (ConnectionClosed, OSError):
+        return  # the node was killed
+
+
+async def test_sigkill_mid_storm_loses_no_acknowledged_transaction(durable_url: str, tmp_path: Path) -> None:
+    node = NodeProcess(durable_url, tmp_path)
+    node.start()
+    try:
+        acks: list[tuple[int, int, Any]] = []
+        stop = asyncio.Event()
+        storms = [asyncio.ensure_future(storm(node.url, c, acks, stop)) for c in range(CLIENTS)]
+        deadline = time.monotonic() + 60
+        while len(acks) < KILL_AFTER_ACKS:
+            assert time.monotonic() < deadline, f"only {len(acks)} acknowledgements in 60 s:\n{node.log()}"
+            assert not all(task.done() for task in storms), node.log()
+            await asyncio.sleep(0.005)
+        node.kill()  # SIGKILL, proposals in flight
+        await asyncio.wait_for(asyncio.gather(*storms), DEADLINE)
+        assert len(acks) >= KILL_AFTER_ACKS
+
+        node.start()
+        async with open_store(durable_url) as store:
+            stored = await store.load("counter")  # raises if the chain does not verify
+        assert stored is not None
+        records = stored.records
+        assert [r.transaction_id for r in records] == [str(i) for i in range(1, len(records) + 1)]
+        for client, transaction_id, value in acks:
+            record = records[transaction_id - 1]
+            assert record.accepted and record.proposed_data == value, (transaction_id, record)
+        assert stored.current_state == records[-1].proposed_data
+        last = len(records)
+
+        # Resumed clients: replay from their cursor, then consecutive new ids.
+        for client in range(CLIENTS):
+            cursor = max((t for c, t, _ in acks if c == client), default=None)
+            if cursor is None:
+                continue
+            async with ws_connect(node.url, open_timeout=DEADLINE) as ws:
+                await ws.send(json.dumps({"v": 1, "type": "subscribe", "shareDataId": "counter", "since": str(cursor)}))
+                state = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
+                assert state["lastTransactionId"] == str(last)
+                replayed = [json.loads(await asyncio.wait_for(ws.recv(), DEADLINE)) for _ in range(last - cursor)]
+                assert [int(f["transactionId"]) for f in replayed] == list(range(cursor + 1, last + 1))
+                assert all(f["replayed"] for f in replayed)
+        async with ws_connect(node.url, open_timeout=DEADLINE) as ws:
+            for offset in range(1, 4):
+                await ws.send(propose_message({"after": offset}, f"after-{offset}"))
+                result = json.loads(await asyncio.wait_for(ws.recv(), DEADLINE))
+                assert result["transactionId"] == str(last + offset), result
+    finally:
+        node.kill()
