@@ -118,6 +118,10 @@ class NodeProcess:
         except OSError:
             return ""
 
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None and self.proc.poll() is None, self.log()
+        self.proc.send_signal(signum)
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs."""
         proc, self.proc = self.proc, None

@@ -4,7 +4,8 @@ Registers two ShareData, ``counter`` (function ``put``: accepts anything,
 the proposal becomes the state; function ``bump``: accepts ``{"n": n + 1}``)
 and ``doc`` (function ``put``), serves them on 127.0.0.1 (free port), and
 writes ``{"port": ...}`` to ``--ready-file`` once it listens. With
-``--redis`` the fan-out goes through a RedisChannelRegistry.
+``--redis`` the fan-out goes through a RedisChannelRegistry. SIGUSR1 removes
+``doc`` (``await manager.remove("doc")``); SIGTERM stops the node.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ async def main() -> None:
             registry=registry,
             heartbeat_interval=None,
         )
+        removals: set[asyncio.Task[Any]] = set()
+
+        def remove_doc() -> None:
+            task = asyncio.ensure_future(manager.remove("doc"))
+            removals.add(task)
+            task.add_done_callback(removals.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, remove_doc)
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"port": server.port, "pid": os.getpid()}, f)
