@@ -111,3 +111,51 @@ async def test_sigkill_mid_storm_loses_no_acknowledged_transaction(durable_url: 
                 assert result["transactionId"] == str(last + offset), result
     finally:
         node.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_the_example_node_keeps_its_counter_across_a_restart(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from safe_fast import RealtimeClient
+
+    port = free_port()
+    command = [sys.executable, "-m", "safe_fast.examples.cluster_node", "--port", str(port),
+               "--store", f"sqlite:///{tmp_path / 'app.db'}"]  # fmt: skip
+
+    async def started() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline), DEADLINE)
+        assert line.startswith(b"serving ws://127.0.0.1:"), line
+        return proc
+
+    def stopped(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+
+    proc = await started()
+    try:
+        async with RealtimeClient(f"ws://127.0.0.1:{port}/realtime", request_timeout=DEADLINE) as client:
+            result = await client.propose("counter", "increment", {"count": 1})
+            assert (result.accepted, result.transaction_id) == (True, "1")
+    finally:
+        stopped(proc)
+    proc = await started()
+    try:
+        async with RealtimeClient(f"ws://127.0.0.1:{port}/realtime", request_timeout=DEADLINE) as client:
+            result = await client.propose("counter", "increment", {"count": 2})
+            assert (result.accepted, result.transaction_id) == (True, "2")
+            stale = await client.propose("counter", "increment", {"count": 1})
+            assert (stale.accepted, stale.transaction_id) == (False, "3")
+    finally:
+        stopped(proc)
