@@ -16,6 +16,7 @@ cdef class Flusher:
 cdef class Outbox:
     cdef object __weakref__
     cdef readonly object transport
+    cdef readonly object websocket
     cdef readonly Flusher flusher
     cdef public Py_ssize_t max_buffered_bytes
     cdef bytes _head

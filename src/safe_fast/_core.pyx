@@ -120,7 +120,7 @@ cdef class Flusher:
         """``b"".join(frames)``, reusing this round's previous result for the same frames."""
         cdef list last = self._joined_frames
         cdef Py_ssize_t i, n = PyList_GET_SIZE(frames)
-        if not self._in_round:
+        if not (self._in_round or self._scheduled):
             return b"".join(frames)
         if n == PyList_GET_SIZE(last):
             for i in range(n):
@@ -138,8 +138,9 @@ cdef class Flusher:
 cdef class Outbox:
     """The write side of one connection, with coalescing and accounting."""
 
-    def __init__(self, transport, Flusher flusher, Py_ssize_t max_buffered_bytes):
+    def __init__(self, transport, Flusher flusher, Py_ssize_t max_buffered_bytes, websocket=None):
         self.transport = transport
+        self.websocket = websocket
         self.flusher = flusher
         self.max_buffered_bytes = max_buffered_bytes
         self._head = None
@@ -176,24 +177,36 @@ cdef class Outbox:
         self._flush()
 
     cdef bint _send(self, bytes frame) except -1:
-        cdef Py_ssize_t size, total
+        cdef Py_ssize_t size, total, backlog
+        cdef bint marked = False
         if not self._open:
             return False
         size = PyBytes_GET_SIZE(frame)
-        total = self._transport_bytes + self._queued + size
-        if total > self.max_buffered_bytes:
+        if self._transport_bytes + self._queued + size > self.max_buffered_bytes:
+            # Queued frames are not behind: send them now, judge what is left.
+            if self._queued:
+                marked = True  # queued frames mean it is in this round already
+                backlog = self._queued
+                try:
+                    self._flush()
+                except Exception:
+                    # A failing transport is gone for this outbox; the fan-out goes on.
+                    self._open = False
+                    self.on_overflow(backlog)
+                    return False
             self._transport_bytes = self._get_write_buffer_size()
-            total = self._transport_bytes + self._queued + size
+            total = self._transport_bytes + size
             # The cap bounds a backlog, not a frame: with nothing buffered,
             # any one frame goes.
             if total > self.max_buffered_bytes and total != size:
                 self._open = False
-                self.on_overflow(total - size)
+                self.on_overflow(self._transport_bytes)
                 return False
         if self._frames is not None:
             self._frames.append(frame)
         elif self._head is None:
-            self.flusher.mark(self)
+            if not marked:
+                self.flusher.mark(self)
             self._head = frame
         else:
             self._frames = [self._head, frame]
@@ -211,6 +224,10 @@ cdef class Outbox:
         self._frames = None
         self._queued = 0
         if self._is_closing():
+            return 0
+        if self.websocket is not None and self.websocket.is_close_frame_sent:
+            self._open = False
+            self.close_frame_sent()
             return 0
         if frames is not None:
             data = self.flusher.join(frames)
@@ -240,6 +257,9 @@ cdef class Outbox:
 
     def on_overflow(self, buffered_amount):
         """Called once when a frame is refused for overflow."""
+
+    def close_frame_sent(self):
+        """Called once when a flush finds that ``websocket`` sent a close frame on its own."""
 
 
 cdef int _plain_socket_fd(transport) except? -2:

@@ -12,9 +12,12 @@ What lives here, and why it is the hot path:
 * :class:`Outbox` is one connection's write side. Frames queued during one
   event-loop iteration leave in a single ``transport.write`` (one system call)
   when the :class:`Flusher` runs, before the loop sleeps again. It accounts the
-  bytes it holds plus what the transport still buffers, and refuses a frame
-  that would take the total past ``max_buffered_bytes`` (unless nothing is
-  buffered: one frame larger than the cap still reaches an idle connection).
+  bytes it holds plus what the transport still buffers. When a frame would
+  take that total past ``max_buffered_bytes``, the queued frames go to the
+  socket at once, and the frame is refused only if what the socket did not
+  take, plus the frame, is still past the cap: "buffered" means bytes the
+  peer has not taken, so a burst larger than the cap reaches a reader that
+  keeps reading. With nothing buffered, one frame larger than the cap goes.
   The compiled twin also sends straight to a plain socket whose transport
   holds nothing (one ``send(2)``, past the transport's write path); the
   bytes and their order are the same as through ``transport.write``.
@@ -97,8 +100,13 @@ class Flusher:
             raise error
 
     def join(self, frames: list[bytes]) -> bytes:
-        """``b"".join(frames)``, reusing this round's previous result for the same frames."""
-        if not self._in_round:
+        """``b"".join(frames)``, reusing this round's previous result for the same frames.
+
+        Also before the round, once it is scheduled: a burst past the cap sends
+        the subscribers' (shared) queued frames early, and the round that
+        follows drops the memo.
+        """
+        if not (self._in_round or self._scheduled):
             return b"".join(frames)
         # List equality checks identity first: for a fan-out's shared frames
         # this is k pointer comparisons.
@@ -111,13 +119,15 @@ class Outbox:
     """The write side of one connection, with coalescing and accounting.
 
     ``transport`` needs ``write``, ``get_write_buffer_size`` and ``is_closing``
-    (any asyncio transport). The compiled core looks these methods up once,
+    (any asyncio transport). With ``websocket`` given, nothing is written once
+    its ``is_close_frame_sent`` is true. The compiled core looks these methods up once,
     when the outbox is made, so replacing them on the transport afterwards is
     not supported. Subclasses override :meth:`on_overflow`.
     """
 
     __slots__ = (
         "transport",
+        "websocket",
         "flusher",
         "max_buffered_bytes",
         "_head",
@@ -128,8 +138,12 @@ class Outbox:
         "__weakref__",
     )
 
-    def __init__(self, transport: Any, flusher: Flusher, max_buffered_bytes: int) -> None:
+    def __init__(self, transport: Any, flusher: Flusher, max_buffered_bytes: int, websocket: Any = None) -> None:
         self.transport = transport
+        # Whose ``is_close_frame_sent`` stops every write (picows' WSTransport):
+        # the WebSocket layer may send a close frame on its own (a framing
+        # error), and after a close frame nothing else may go out.
+        self.websocket = websocket
         self.flusher = flusher
         self.max_buffered_bytes = max_buffered_bytes
         # What is queued: nothing (both None), one frame in ``_head`` (the
@@ -166,24 +180,41 @@ class Outbox:
         """Queue one complete frame; False if it was refused.
 
         A frame that would take the buffered total past ``max_buffered_bytes``
-        closes the outbox and calls :meth:`on_overflow` once. The cap bounds
+        first sends what is queued; if the transport then still holds so much
+        that the frame would cross the cap, the outbox closes and calls
+        :meth:`on_overflow` once with the transport's backlog. The cap bounds
         a backlog, not a frame: with nothing buffered, any one frame goes.
         """
         if not self._open:
             return False
         size = len(frame)
-        total = self._transport_bytes + self._queued + size
-        if total > self.max_buffered_bytes:
+        marked = False
+        if self._transport_bytes + self._queued + size > self.max_buffered_bytes:
+            # Frames merely waiting for the end of this iteration are not
+            # behind: hand them to the socket now, and judge by what it did
+            # not take. (The normal case keeps its one write per iteration.)
+            if self._queued:
+                marked = True  # queued frames mean it is in this round already
+                backlog = self._queued
+                try:
+                    self.flush()
+                except Exception:
+                    # A transport that fails here is gone for this outbox;
+                    # the rest of the fan-out goes on.
+                    self._open = False
+                    self.on_overflow(backlog)
+                    return False
             self._transport_bytes = self.transport.get_write_buffer_size()
-            total = self._transport_bytes + self._queued + size
+            total = self._transport_bytes + size
             if total > self.max_buffered_bytes and total != size:
                 self._open = False
-                self.on_overflow(total - size)
+                self.on_overflow(self._transport_bytes)
                 return False
         if self._frames is not None:
             self._frames.append(frame)
         elif self._head is None:
-            self.flusher.mark(self)
+            if not marked:
+                self.flusher.mark(self)
             self._head = frame
         else:
             self._frames = [self._head, frame]
@@ -200,6 +231,10 @@ class Outbox:
         self._queued = 0
         if self.transport.is_closing():
             return
+        if self.websocket is not None and self.websocket.is_close_frame_sent:
+            self._open = False
+            self.close_frame_sent()
+            return
         data = head if frames is None else self.flusher.join(frames)
         self.transport.write(data)
         self._transport_bytes += len(data)
@@ -215,6 +250,9 @@ class Outbox:
 
     def on_overflow(self, buffered_amount: int) -> None:
         """Called once when a frame is refused for overflow."""
+
+    def close_frame_sent(self) -> None:
+        """Called once when a flush finds that ``websocket`` sent a close frame on its own."""
 
 
 def fanout(frame: bytes, outboxes: Iterable[Outbox]) -> int:

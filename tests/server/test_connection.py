@@ -110,6 +110,15 @@ class _Control:
     def send_ping(self) -> None:
         self.recorder.log.append(("ping",))
 
+    def send_pong(self, payload: bytes) -> None:
+        self.recorder.log.append(("pong", payload))
+
+    def pause_reading(self) -> None:
+        self.recorder.log.append(("pause_reading",))
+
+    def resume_reading(self) -> None:
+        self.recorder.log.append(("resume_reading",))
+
 
 class Peer:
     """One ServerConnection plus its recorder, with bounded waits."""
@@ -126,9 +135,9 @@ class Peer:
         payload = message.encode() if isinstance(message, str) else message
         self.conn.receive_message(payload, binary)
 
-    async def until(self, predicate: Callable[[], bool], what: str) -> None:
+    async def until(self, predicate: Callable[[], bool], what: str, iterations: int = 2000) -> None:
         async def poll() -> None:
-            for _ in range(2000):
+            for _ in range(iterations):
                 if predicate():
                     return
                 await asyncio.sleep(0)
@@ -878,7 +887,15 @@ async def test_propose_apply_transaction_raising(make_hub: Callable[..., ServerH
     hub = make_hub(resolve_function=lambda share_data_id, function_id: faulty)
     peer = Peer(hub)
     peer.send(propose("faulty"))
-    assert await peer.barrier() == [_rejection("c-1", "rule of function 'faulty' raised: ValueError: bad input")]
+    # The wire carries the rule's own message (RuleError wraps it for Python callers).
+    assert await peer.barrier() == [_rejection("c-1", "bad input")]
+    # An exception without words gives an empty text, as the reference's err.message does.
+    def quiet_rule(current: Any, proposed: Any) -> bool:
+        raise LookupError()
+
+    hub.resolve_function = lambda share_data_id, function_id: ShareFunction("quiet", quiet_rule)
+    peer.send(propose("quiet", correlation_id="c-1b"))
+    assert await peer.barrier() == [_rejection("c-1b", "")]
     # A resolver returning something that is not a ShareFunction: apply_transaction's TypeError text.
     hub.resolve_function = lambda share_data_id, function_id: "not a function"
     peer.send(propose("x", correlation_id="c-2"))
@@ -966,18 +983,61 @@ async def test_invalid_message_behind_a_slow_hook_still_waits_its_turn(make_hub:
     assert [m["type"] for m in peer.rec.messages()] == ["state", "error"]
 
 
-async def test_too_many_pending_messages_close_1008(make_hub: Callable[..., ServerHub]) -> None:
+async def test_a_full_queue_stops_reading_the_socket_until_half_is_handled(make_hub: Callable[..., ServerHub]) -> None:
     held = HeldAuthorizer()
     peer = Peer(make_hub(authorize_subscribe=held.authorize))
     peer.send(subscribe())
-    for i in range(MAX_PENDING_MESSAGES + 1):
+    await asyncio.wait_for(held.entered.wait(), DEADLINE)  # the worker now waits inside the hook
+    for i in range(MAX_PENDING_MESSAGES - 1):
         peer.send({"type": "ping", "correlationId": f"p{i}"})
-    code, _reason = await peer.closed()
-    assert code == 1008
+    assert peer.rec.count("pause_reading") == 0
+    peer.send({"type": "ping", "correlationId": f"p{MAX_PENDING_MESSAGES - 1}"})
+    assert peer.rec.log == [("pause_reading",)]
+    # What the socket read already delivered still arrives, and is still answered.
+    for i in range(MAX_PENDING_MESSAGES, MAX_PENDING_MESSAGES + 10):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
     held.release()
-    for _ in range(10):
+    total = MAX_PENDING_MESSAGES + 10
+    await peer.until(lambda: peer.rec.count("frame") >= 1 + total, "every answer", iterations=20 * total)
+    messages = peer.rec.messages()
+    assert messages[0]["type"] == "state"
+    assert [m["correlationId"] for m in messages[1:]] == [f"p{i}" for i in range(total)]
+    assert peer.rec.count("resume_reading") == 1 and peer.rec.closes() == []
+
+
+async def test_a_close_resumes_reading_so_the_peer_close_frame_is_read(make_hub: Callable[..., ServerHub]) -> None:
+    held = HeldAuthorizer()
+    peer = Peer(make_hub(authorize_subscribe=held.authorize))
+    peer.send(subscribe())
+    await asyncio.wait_for(held.entered.wait(), DEADLINE)
+    for i in range(MAX_PENDING_MESSAGES):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
+    peer.conn.close(1001, "going away")
+    assert [entry[0] for entry in peer.rec.log] == ["pause_reading", "resume_reading", "close"]
+    held.release()
+
+
+@pytest.mark.parametrize("slow_hook", [False, True])
+async def test_a_pipelined_burst_is_answered_in_order_whatever_its_length(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager, slow_hook: bool
+) -> None:
+    # A client reconnecting with thousands of subscriptions sends them in one
+    # write: they arrive together, before any hook ran, and none waits behind one.
+    count = 3 * MAX_PENDING_MESSAGES
+    for i in range(count):
+        manager.add_share_data(make_doc(f"d{i}", {"n": i}))
+
+    async def authorize(context: Any, share_data_id: str) -> bool:
         await asyncio.sleep(0)
-    assert not any(m["type"] == "pong" for m in peer.rec.messages())
+        return True
+
+    peer = Peer(make_hub(authorize_subscribe=authorize if slow_hook else None))
+    for i in range(count):
+        peer.send(subscribe(f"d{i}"))
+    await peer.until(lambda: peer.rec.count("frame") >= count, f"{count} answers", iterations=20 * count)
+    answers = peer.rec.messages()
+    assert [(m["type"], m["shareDataId"]) for m in answers] == [("state", f"d{i}") for i in range(count)]
+    assert peer.rec.closes() == []
 
 
 async def test_an_idle_connection_holds_no_queue_before_or_after_a_busy_spell(make_hub: Callable[..., ServerHub]) -> None:
@@ -1030,6 +1090,32 @@ async def test_authenticating_connection_queues_until_authenticated(make_hub: Ca
         ("pong", "later"),
     ]
     assert contexts == [{"subject": "bob"}]
+
+
+async def test_messages_waiting_for_an_async_authenticate_stop_reading_too(make_hub: Callable[..., ServerHub]) -> None:
+    peer = Peer(make_hub(), authenticating=True)
+    for i in range(MAX_PENDING_MESSAGES):
+        peer.send({"type": "ping", "correlationId": f"p{i}"})
+    assert peer.rec.log == [("pause_reading",)]
+    peer.conn.authenticated({"subject": "late"})
+    await peer.until(lambda: peer.rec.count("frame") >= MAX_PENDING_MESSAGES, "every pong", iterations=50_000)
+    assert peer.rec.count("resume_reading") == 1 and peer.rec.closes() == []
+
+
+async def test_a_ping_while_authenticating_is_answered_only_once_open(make_hub: Callable[..., ServerHub]) -> None:
+    rejected = Peer(make_hub(), authenticating=True)
+    rejected.conn.ping_received(b"hello")
+    rejected.conn.close(4002, "unauthorized")
+    assert rejected.rec.log == [("close", 4002, b"unauthorized")]  # nothing precedes the 4002
+    accepted = Peer(make_hub(), authenticating=True)
+    accepted.conn.ping_received(b"first")
+    accepted.conn.ping_received(b"latest")
+    assert accepted.rec.log == []
+    accepted.conn.authenticated({"subject": "ok"})
+    assert accepted.rec.log == [("pong", b"latest")]
+    accepted.conn.close(1000)
+    accepted.conn.ping_received(b"after the close")
+    assert accepted.rec.log[-1][0] == "close"
 
 
 async def test_authenticating_connection_rejected_closes_4002_and_processes_nothing(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:
@@ -1123,21 +1209,48 @@ async def test_overflow_drops_the_frame_closes_4001_and_spares_the_others(make_h
     assert len(overflows) == 1
 
 
-async def test_overflow_discards_what_was_queued(make_hub: Callable[..., ServerHub], manager: ShareDataManager) -> None:
+async def test_a_burst_past_the_cap_reaches_a_peer_that_takes_it(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager
+) -> None:
     hub = make_hub(max_buffered_bytes=400)
     peer = Peer(hub)
     peer.send(subscribe())
     await peer.next()
-    # Three frames in one iteration: the third does not fit with the first two queued.
+    # Five frames in one iteration, together past the cap: what is queued goes
+    # to the transport when the cap would be crossed, and this transport takes
+    # everything at once (a reader that keeps reading), so nothing is behind.
+    share_data = manager.get_share_data_by_id("doc")
+    assert share_data is not None
+    for i in range(5):
+        share_data.current_state = {"pad": "x" * 100, "i": i}
+        manager.update_share_data(share_data)
+    assert [m["currentState"]["i"] for m in await peer.next(5)] == [0, 1, 2, 3, 4]
+    assert peer.rec.closes() == []
+    # The writes: two early ones where the cap would have been crossed, then the rest at the end of the iteration.
+    assert peer.rec.count("write") == 1 + 3
+
+
+async def test_a_peer_that_takes_nothing_overflows_on_what_the_transport_holds(
+    make_hub: Callable[..., ServerHub], manager: ShareDataManager
+) -> None:
+    hub = make_hub(max_buffered_bytes=400)
+    overflows: list[Any] = []
+    hub.events.on("connection:overflow", overflows.append)
+    peer = Peer(hub)
+    peer.send(subscribe())
+    await peer.next()
+    peer.rec.hold = True  # from now on the peer reads nothing
     share_data = manager.get_share_data_by_id("doc")
     assert share_data is not None
     for i in range(3):
         share_data.current_state = {"pad": "x" * 100, "i": i}
         manager.update_share_data(share_data)
     assert await peer.closed() == (4001, b"send buffer exceeded")
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert [m["type"] for m in peer.rec.messages()] == ["state"]
+    # The first two were handed to the transport (where they stay unsent);
+    # the third would have taken its backlog past the cap.
+    assert [m.get("currentState", {}).get("i") for m in peer.rec.messages()[1:]] == [0, 1]
+    (overflow,) = overflows
+    assert overflow.buffered_amount == peer.rec.buffered > 0
 
 
 # -- heartbeat ----------------------------------------------------------------------------

@@ -86,10 +86,29 @@ async def test_a_raising_handler_is_a_500_and_the_server_goes_on(
     server.add_http_route("/broken", broken)
     status, _, _ = await http_exchange(server.port, get("/broken"))
     assert status.startswith(b"HTTP/1.1 500 ")
-    assert any("HTTP handler for /broken raised" in r.getMessage() for r in caplog.records)
+    assert any("HTTP handler for /broken failed" in r.getMessage() for r in caplog.records)
     async with connect(server) as ws:
         await ws.send(wire(type="ping", correlationId="p"))
         assert (await recv_json(ws))["type"] == "pong"
+
+
+@pytest.mark.parametrize(
+    "result, complaint",
+    [
+        (None, "must return an HttpResponse, got NoneType"),
+        (HttpResponse(200, "text, not bytes"), "body must be bytes, got str"),  # type: ignore[arg-type]
+        (HttpResponse(599, b"?"), "599"),
+        (HttpResponse(101, b"?"), "must be an HTTP status from 200 to 599, got 101"),
+    ],
+)
+async def test_a_bad_handler_result_is_a_plain_500(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture, result: Any, complaint: str
+) -> None:
+    server = await server_factory()
+    server.add_http_route("/bad", lambda request: result)
+    status, _, body = await http_exchange(server.port, get("/bad"))
+    assert status.startswith(b"HTTP/1.1 500 ") and body == b"500 Internal Server Error"
+    assert any(complaint in str(r.exc_info[1]) for r in caplog.records if r.exc_info), caplog.records
 
 
 async def test_unknown_paths_are_404_and_an_upgrade_to_a_route_is_404(server_factory: ServerFactory) -> None:

@@ -588,7 +588,8 @@ async def test_propose_apply_transaction_raising(server_factory: ServerFactory, 
     server = await server_factory()
     async with connect(server) as ws:
         await ws.send(propose("check", 1, correlation_id="t", share_data_id="strict"))
-        assert await recv_raw(ws) == rejection("t", "rule of function 'check' raised: ArithmeticError: cannot count that high")
+        # The rule's own message, as the reference server sends it.
+        assert await recv_raw(ws) == rejection("t", "cannot count that high")
         assert await barrier(ws) == []
     share_data = manager.get_share_data_by_id("strict")
     assert share_data is not None and share_data.transaction_history == []

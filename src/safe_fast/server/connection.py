@@ -19,7 +19,8 @@ adapter (``server.py``) fills in and that tests fill with recording objects:
   ``is_closing``) that the compiled :class:`~safe_fast._core.Outbox` it
   inherits from writes coalesced frames to;
 * the *control* object (``send_close(code, reason)``, ``disconnect()``,
-  ``send_ping()``) for WebSocket control frames.
+  ``send_ping()``, ``send_pong(payload)``, ``pause_reading()``,
+  ``resume_reading()``) for WebSocket control frames and flow control.
 
 A connection is in one of these states::
 
@@ -32,7 +33,14 @@ Messages are handled strictly in arrival order. Ping and unsubscribe, which
 call no hook, are answered inline when nothing is pending. Everything else
 (and everything while something is pending) goes through a FIFO drained by
 one task per busy connection, so an ``async`` hook delays only its own
-connection, and an idle connection owns no task.
+connection, and an idle connection owns no task. When the FIFO holds
+:data:`MAX_PENDING_MESSAGES`, the connection stops reading its socket until
+half of them are handled, so a pipelining client is slowed down by TCP
+rather than closed, and memory stays bounded.
+
+From the moment a close frame is decided (by this object, or by the
+WebSocket layer for a framing error it found: :meth:`close_frame_sent`),
+nothing else is sent and nothing received is acted on.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from ..messages import (
     parse_client_message,
 )
 from ..registry import ChannelRegistry
+from ..sharedata import RuleError
 from ..replay import ReplayEntry, ReplayStore
 
 __all__ = [
@@ -97,7 +106,11 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 MAX_PENDING_MESSAGES = 1024
-"""Messages a connection may have waiting behind a slow hook before it is closed (1008)."""
+"""Messages a connection may have waiting before the server stops reading its socket.
+
+Reading resumes once half of them are handled: a client that sends faster
+than its hooks answer is slowed down by TCP, never closed, and every message
+is answered in order."""
 
 
 # -- observability events ----------------------------------------------------------
@@ -389,8 +402,12 @@ class ServerConnection(core.Outbox):
         context: Any = None,
         authenticating: bool = False,
         connection_id: Optional[str] = None,
+        websocket: Any = None,
     ) -> None:
-        super().__init__(write_transport, hub.flusher, hub.max_buffered_bytes)
+        # ``websocket``: the WebSocket layer's transport, when it can send a
+        # close frame on its own (see close_frame_sent); the outbox writes
+        # nothing once it has.
+        super().__init__(write_transport, hub.flusher, hub.max_buffered_bytes, websocket)
         self.hub = hub
         self.control = control
         self.id = connection_id or str(uuid.uuid4())
@@ -406,6 +423,11 @@ class ServerConnection(core.Outbox):
         # connection holds neither (an empty deque alone is ~0.75 KiB).
         self._inbox: Optional[deque[tuple[bytes, bool]]] = None
         self._worker: Optional[asyncio.Task[None]] = None
+        # Whether this connection stopped reading its socket (FIFO full).
+        self._reading_paused = False
+        # The payload of a WebSocket ping that came while authenticating: it is
+        # answered once the connection opens (nothing may precede a 4002).
+        self._held_ping: Optional[bytes] = None
         self._timers: Optional[list[asyncio.TimerHandle]] = None
 
     def __repr__(self) -> str:
@@ -451,20 +473,39 @@ class ServerConnection(core.Outbox):
         self._state = _OPEN
         self._announced = True
         self.hub.events.emit("connection:opened", ConnectionOpenedEvent(self.id, self.context))
+        if self._held_ping is not None:
+            self.ping_received(self._held_ping)
+            self._held_ping = None
         self._ensure_worker()
 
     def close(self, code: int, reason: str = "", *, flush: bool = True) -> None:
         """Send a close frame, stop taking frames; disconnect on the peer's reply or a timeout."""
         if self._state >= _CLOSING:
             return
-        self._state = _CLOSING
-        self._inbox = None
-        self.close_outbox(flush)
-        self._leave_channels()
+        self._stop(flush)
         try:
             self.control.send_close(code, reason.encode())
         except Exception:
             logger.debug("send_close failed on %s", self.id, exc_info=True)
+
+    def close_frame_sent(self) -> None:
+        """The WebSocket layer sent a close frame itself (a framing error it found).
+
+        From then on, as after :meth:`close`, nothing is sent and nothing
+        received is acted on.
+        """
+        if self._state < _CLOSING:
+            self._stop(flush=False)
+
+    def _stop(self, flush: bool) -> None:
+        # Everything that must hold from the moment a close frame is decided:
+        # no queued message runs, no live frame is sent, no channel delivers.
+        self._state = _CLOSING
+        self._inbox = None
+        self._held_ping = None
+        self.close_outbox(flush)
+        self._leave_channels()
+        self._resume_reading()  # the peer's close frame must still be read
         self.call_later(self.hub.close_timeout, self.abort)
 
     def abort(self) -> None:
@@ -525,9 +566,6 @@ class ServerConnection(core.Outbox):
             self._enqueue(payload, binary)
             self._ensure_worker()
             return
-        if self._inbox is not None and len(self._inbox) >= MAX_PENDING_MESSAGES:
-            self.close(CLOSE_POLICY_VIOLATION, "too many pending messages")
-            return
         self._enqueue(payload, binary)
         if self._state == _OPEN:
             self._ensure_worker()
@@ -536,6 +574,26 @@ class ServerConnection(core.Outbox):
         if self._inbox is None:
             self._inbox = deque()
         self._inbox.append((payload, binary))
+        if len(self._inbox) >= MAX_PENDING_MESSAGES and not self._reading_paused:
+            # Enough waiting: let TCP hold the rest (what the current socket
+            # read already delivered still arrives, so the FIFO stays bounded).
+            self._reading_paused = True
+            self.control.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            try:
+                self.control.resume_reading()
+            except Exception:
+                logger.debug("resume_reading failed on %s", self.id, exc_info=True)
+
+    def ping_received(self, payload: bytes) -> None:
+        """A WebSocket ping: answered while open, held while authenticating, dropped after a close frame."""
+        if self._state == _OPEN:
+            self.control.send_pong(payload)
+        elif self._state == _AUTHENTICATING:
+            self._held_ping = payload
 
     def _ensure_worker(self) -> None:
         if self._worker is None and self._inbox:
@@ -545,6 +603,8 @@ class ServerConnection(core.Outbox):
         try:
             while self._inbox and self._state == _OPEN:
                 payload, binary = self._inbox.popleft()
+                if self._reading_paused and len(self._inbox) <= MAX_PENDING_MESSAGES // 2:
+                    self._resume_reading()
                 try:
                     await self._handle(payload, binary)
                 except Exception:
@@ -684,6 +744,10 @@ class ServerConnection(core.Outbox):
             outcome = await hub.manager.apply_transaction(
                 share_data_id, message.proposed_data, function, message.proof
             )
+        except RuleError as exc:
+            # The rule's own words, as the reference server sends them; the
+            # RuleError wrapper is for Python callers.
+            return reject(_error_text(exc.__cause__ if exc.__cause__ is not None else exc))
         except Exception as exc:
             return reject(_error_text(exc))
         # The transaction frame reaches subscribers through the manager event.
@@ -695,9 +759,14 @@ class ServerConnection(core.Outbox):
 
     def heartbeat(self) -> None:
         """One heartbeat tick: ping, or terminate if the last ping went unanswered."""
+        websocket = self.websocket
+        if websocket is not None and websocket.is_close_frame_sent:
+            # The WebSocket layer closed it and nothing flushed since to notice.
+            self.close_frame_sent()
         if self._state >= _CLOSING:
             return
-        if self.awaiting_pong:
+        # While this server is not reading the socket, the pong may be waiting in it.
+        if self.awaiting_pong and not self._reading_paused:
             logger.info("connection %s missed a heartbeat; terminating", self.id)
             self.abort()
             return

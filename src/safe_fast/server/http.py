@@ -47,10 +47,16 @@ def is_websocket_upgrade(headers: Mapping[str, str]) -> bool:
 
 
 def to_picows_response(response: HttpResponse) -> picows.WSUpgradeResponseWithListener:
-    """The picows response object for ``response``."""
+    """The picows response object for ``response``; TypeError/ValueError naming a bad field."""
+    if not isinstance(response, HttpResponse):
+        raise TypeError(f"an HTTP handler must return an HttpResponse, got {type(response).__name__}")
+    if not isinstance(response.body, bytes):
+        raise TypeError(f"HttpResponse.body must be bytes, got {type(response.body).__name__}")
+    if not isinstance(response.status, int) or not 200 <= response.status <= 599:
+        raise ValueError(f"HttpResponse.status must be an HTTP status from 200 to 599, got {response.status!r}")
     answer = picows.WSUpgradeResponse()
     answer.version = b"HTTP/1.1"
-    answer.status = HTTPStatus(response.status)
+    answer.status = HTTPStatus(response.status)  # ValueError for a code the standard library does not know
     headers = answer.headers = type(picows.WSUpgradeResponse.create_ok_response().headers)()
     headers["Content-Type"] = response.content_type
     headers["Cache-Control"] = "no-store"

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import ssl as ssl_module
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Optional
@@ -45,7 +46,12 @@ _TEXT = picows.WSMsgType.TEXT
 _BINARY = picows.WSMsgType.BINARY
 _CONTINUATION = picows.WSMsgType.CONTINUATION
 _CLOSE = picows.WSMsgType.CLOSE
+_PING = picows.WSMsgType.PING
 _PONG = picows.WSMsgType.PONG
+
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+"""Close codes a peer may send (RFC 6455 §7.4, with IANA's 1012–1014), besides 3000–4999.
+1004 is reserved; 1005, 1006 and 1015 must never appear on the wire."""
 
 READ_BUFFER_SIZE = 2048
 """Initial read buffer per connection. picows grows it on demand; clients of
@@ -95,6 +101,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
+            websocket=transport,
         )
         self.connection = connection
         connection.opened()
@@ -110,16 +117,26 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         connection = self.connection
         if connection is None:
             return
+        msg_type = frame.msg_type
+        if connection.is_closing or transport.is_close_frame_sent:
+            # After a close frame (ours, or one picows sent for a framing
+            # error it found, while it goes on parsing what was already on
+            # the way) nothing is acted on or answered: only the peer's close
+            # ends the handshake.
+            connection.close_frame_sent()
+            if msg_type == _CLOSE:
+                transport.disconnect()
+            return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             # No extension is ever negotiated, so a reserved bit fails the connection (RFC 6455 §5.2).
             connection.close(1002, "reserved bits set")
             return
-        msg_type = frame.msg_type
         if msg_type == _TEXT or msg_type == _BINARY:
-            if frame.fin:
-                if self.fragments is not None:
-                    connection.close(1002, "expected a continuation frame")
-                    return
+            if self.fragments is not None:
+                # A new message before the fragmented one finished (RFC 6455 §5.4).
+                self.fragments = None
+                connection.close(1002, "expected a continuation frame")
+            elif frame.fin:
                 connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
             else:
                 self.fragments = bytearray(frame.get_payload_as_memoryview())
@@ -136,14 +153,31 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
             if frame.fin:
                 payload, self.fragments = bytes(self.fragments), None
                 connection.receive_message(payload, self.fragments_binary)
+        elif msg_type == _PING:
+            # The connection decides (not picows' auto-pong): nothing may precede a 4002.
+            connection.ping_received(frame.get_payload_as_bytes())
         elif msg_type == _PONG:
             connection.pong_received()
         elif msg_type == _CLOSE:
-            if not connection.is_closing:
+            payload = frame.get_payload_as_bytes()
+            if not payload:
+                # A close without a status code is answered with 1000.
+                connection.close(CLOSE_NORMAL, "")
+            else:
                 code = _close_code(frame.get_close_code())
-                # Echo the peer's code (RFC 6455 §5.5.1); a close without one gets 1000.
-                connection.close(code if code >= 1000 else CLOSE_NORMAL, "")
+                if code in _VALID_CLOSE_CODES or 3000 <= code <= 4999:
+                    connection.close(code, "")  # echo the peer's code (RFC 6455 §5.5.1)
+                else:
+                    connection.close(1002, "invalid close code")
             transport.disconnect()
+
+    # The transport's buffer crossing its watermarks: the outbox measures the
+    # buffer itself, so these are only acknowledged (else picows logs each).
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
         connection = self.connection
@@ -178,6 +212,15 @@ class _Control:
     def send_ping(self) -> None:
         self.transport.send_ping()
 
+    def send_pong(self, payload: bytes) -> None:
+        self.transport.send_pong(payload)
+
+    def pause_reading(self) -> None:
+        self.transport.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.underlying_transport.resume_reading()
+
 
 class RealtimeServer:
     """A running realtime server; see :func:`attach_realtime_server`.
@@ -201,8 +244,10 @@ class RealtimeServer:
         max_message_size: int,
         close_on_token_expiry: bool,
         close_timeout: float,
+        ssl: Optional[ssl_module.SSLContext] = None,
     ) -> None:
         self.manager = manager
+        self.ssl = ssl
         self.authenticate = authenticate
         self.path = path
         self.registry = registry
@@ -238,7 +283,8 @@ class RealtimeServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{self.path}"
+        scheme = "ws" if self.ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}{self.path}"
 
     @property
     def connections(self) -> list[ServerConnection]:
@@ -321,13 +367,17 @@ class RealtimeServer:
             websocket_handshake_timeout=10,
             max_frame_size=self.max_message_size,
             read_buffer_init_size=READ_BUFFER_SIZE,
-            enable_auto_pong=True,
+            # Pings are answered by the listener, which knows when a close frame went out.
+            enable_auto_pong=False,
             logger_name=_PICOWS_LOGGER,
             # picows' default is aiofastnet's transport whenever aiofastnet
             # is installed (a picows dependency). It embeds a 4 KiB iovec
             # array: over 5 KiB per connection against ~1 KiB for the loop's
             # own (uvloop) transport, to which the core sends directly anyway.
             use_aiofastnet=False,
+            # TLS on the listener itself (wss://); the core then writes through
+            # the TLS transport, never straight to the socket.
+            ssl=self.ssl,
             **kwargs,
         )
         bound = self._server.sockets[0].getsockname()
@@ -379,11 +429,10 @@ class RealtimeServer:
             return _upgrade_required() if path == self.path else None  # else 404
         plain = UpgradeRequest(path=target, query=query_parameters(query), headers=headers, remote_address=None)
         try:
-            response = handler(plain)
+            return to_picows_response(handler(plain))
         except Exception:
-            logger.exception("HTTP handler for %s raised", path)
-            response = HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error")
-        return to_picows_response(response)
+            logger.exception("HTTP handler for %s failed", path)
+            return to_picows_response(HttpResponse(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 Internal Server Error"))
 
     async def _finish_auth(self, connection: ServerConnection, pending: Any) -> None:
         try:
@@ -459,6 +508,7 @@ async def attach_realtime_server(
     sock: Optional[socket.socket] = None,
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
+    ssl: Optional[ssl_module.SSLContext] = None,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -470,10 +520,12 @@ async def attach_realtime_server(
     context has a numeric ``expires_at`` (the JWT bridge's contexts do) and
     ``close_on_token_expiry`` is true, the connection is closed with 4002 at
     that time. ``close_timeout`` bounds how long a closing connection may take
-    to answer the close handshake before it is dropped. Without
-    ``replay_store``, a manager with a store answers ``since`` from its
-    stored history (the newest ``replay_buffer_size`` records), any other
-    from an in-memory window of that size.
+    to answer the close handshake before it is dropped. ``ssl``, a server-side
+    :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
+    it, put TLS in front, at a proxy). Without ``replay_store``, a manager
+    with a store answers ``since`` from its stored history (the newest
+    ``replay_buffer_size`` records), any other from an in-memory window of
+    that size.
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -484,6 +536,8 @@ async def attach_realtime_server(
             raise ValueError(f"{name} must be a positive int")
     if heartbeat_interval is not None and not heartbeat_interval > 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
+    if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -498,6 +552,7 @@ async def attach_realtime_server(
         max_message_size=max_message_size,
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
+        ssl=ssl,
     )
     await server._start(host, port, sock)
     return server
