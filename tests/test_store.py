@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -36,30 +36,6 @@ BUMP = ShareFunction("bump", lambda state, proposed: proposed == {"n": state["n"
 
 def counter(share_data_id: str = "counter") -> ShareData:
     return ShareData(share_data_id, current_state={"n": 0}, functions=[PUT, BUMP])
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "postgresql":
-        async for url in postgres_database():
-            yield url
-    else:
-        yield store_url_for(request.param, tmp_path)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "postgresql":
-        async for url in postgres_database():
-            yield url
-    else:
-        yield store_url_for(request.param, tmp_path)
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    async for url in postgres_database():
-        yield url
 
 
 def peer_store(url: str, store: ShareDataStore) -> ShareDataStore:

@@ -10,28 +10,19 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from safe_fast import open_store
-from store_helpers import DEADLINE, NodeProcess, postgres_database, store_url_for
+from store_helpers import DEADLINE, NodeProcess
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 CLIENTS = 8
 KILL_AFTER_ACKS = 600
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "postgresql":
-        async for url in postgres_database():
-            yield url
-    else:
-        yield store_url_for(request.param, tmp_path)
 
 
 def propose_message(value: Any, correlation_id: str, function_id: str = "put") -> str:

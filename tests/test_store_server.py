@@ -10,7 +10,7 @@ import asyncio
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 import pytest
 from websockets.asyncio.client import ClientConnection
@@ -30,15 +30,6 @@ from store_helpers import DEADLINE, postgres_database, store_url_for
 pytestmark = pytest.mark.timeout(120)
 
 PUT = ShareFunction("put", lambda state, proposed: True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "postgresql":
-        async for url in postgres_database():
-            yield url
-    else:
-        yield store_url_for(request.param, tmp_path)
 
 
 class Node:

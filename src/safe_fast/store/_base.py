@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
@@ -21,6 +20,12 @@ class StoreBase:
     def __init__(self, url: str) -> None:
         self.url = url
         self._watchers: list[ChangeListener] = []
+        self._committer: Any = None
+
+    @property
+    def commit_batches(self) -> int:
+        """Database transactions that committed records so far (group commit puts many in one)."""
+        return 0 if self._committer is None else self._committer.batches
 
     async def open(self) -> None:
         raise NotImplementedError

@@ -170,11 +170,6 @@ class PostgresStore(StoreBase):
         self._closed = False
         self._committer: GroupCommitter[CommitItem] = GroupCommitter(self._commit_batch, "PostgresStore committer")
 
-    @property
-    def commit_batches(self) -> int:
-        """Database transactions that committed records so far (group commit puts many in one)."""
-        return self._committer.batches
-
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:

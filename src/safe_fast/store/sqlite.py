@@ -97,11 +97,6 @@ class SQLiteStore(StoreBase):
         assert self._connection is not None and threading.current_thread().name.startswith("safe_fast-sqlite")
         return self._connection
 
-    @property
-    def commit_batches(self) -> int:
-        """Database transactions that committed records so far (group commit puts many in one)."""
-        return self._committer.batches
-
     # -- lifecycle -------------------------------------------------------------------
 
     async def open(self) -> None:
