@@ -6,6 +6,8 @@ import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
+from ._codec import encode_json, record_row
+
 logger = logging.getLogger("safe_fast.store")
 
 ChangeListener = Callable[[Optional[str]], Any]
@@ -42,6 +44,15 @@ class StoreBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
+
+    async def commit(self, share_data_id: str, incarnation: str, record: Any, current_state: Any) -> Any:
+        """Hand the record to the group committer (the database stores set ``_committer``)."""
+        row = record_row(record)
+        state_text = encode_json(current_state, f"the state of ShareData {share_data_id!r}")
+        result = await self._committer.submit(share_data_id, (share_data_id, incarnation, row, state_text))
+        if result is False:
+            raise KeyError(f"shareDataId {share_data_id} not found")
+        return result
 
     def watch(self, listener: ChangeListener) -> None:
         """Call ``listener(share_data_id)`` when another writer replaced or removed

@@ -210,16 +210,6 @@ class SQLiteStore(StoreBase):
         assert stored is not None
         return stored
 
-    async def commit(
-        self, share_data_id: str, incarnation: str, record: TransactionRecord, current_state: Any
-    ) -> Optional[StoredShareData]:
-        row = record_row(record)
-        state_text = encode_json(current_state, f"the state of ShareData {share_data_id!r}")
-        result = await self._committer.submit(share_data_id, (share_data_id, incarnation, row, state_text))
-        if result is False:
-            raise KeyError(f"shareDataId {share_data_id} not found")
-        return result
-
     async def _commit_batch(self, batch: list[tuple[str, str, tuple[Any, ...], str]]) -> list[Any]:
         return await self._call(self._commit_batch_sync, batch)
 
