@@ -356,3 +356,31 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_a_lost_notification_connection_is_reopened_and_nothing_missed() -> None:
+    import asyncpg
+
+    async for url in postgres_database():
+        async with open_store(url) as store_a, open_store(url) as store_b:
+            node_a, node_b = ShareDataManager(store=store_a), ShareDataManager(store=store_b)
+            for name in ("one", "two"):
+                await node_a.register(counter(name))
+                await node_b.register(counter(name))
+            removed: list[str] = []
+            node_b.on("share-data:removed", lambda event: removed.append(event.share_data_id))
+
+            listener = store_b._listener  # the LISTEN connection
+            admin = await asyncpg.connect(url)
+            try:
+                await admin.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+                # Removed while B cannot hear about it.
+                assert await node_a.remove("one")
+            finally:
+                await admin.close()
+            await _until(lambda: removed == ["one"], "B to catch up after reconnecting")
+            await _until(lambda: store_b._listener not in (None, listener), "a new LISTEN connection")
+            assert await node_a.remove("two")
+            await _until(lambda: removed == ["one", "two"], "B to hear of the next removal")
+            node_a.close()
+            node_b.close()
