@@ -127,6 +127,17 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 # -- process helpers ------------------------------------------------------------------
 
 
+def child_env(overrides: dict[str, Optional[str]]) -> dict[str, str]:
+    """This process's environment with ``overrides`` applied (None removes a variable)."""
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def raise_nofile() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new (soft, hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -216,6 +227,9 @@ class SafeFastServer(BenchServer):
         self._ShareData = ShareData
         self.manager = ShareDataManager()
         self.manager.add_share_data(ShareData(SHARE_DATA_ID, current_state=make_state(0)))
+        # BENCH_BACKLOG: a what-if listen backlog (connect_storm.py's "backlog 100" variant).
+        backlog = os.environ.get("BENCH_BACKLOG")
+        options: dict[str, Any] = {"backlog": int(backlog)} if backlog else {}
         self.server = await attach_realtime_server(
             manager=self.manager,
             authenticate=lambda request: True,
@@ -223,6 +237,7 @@ class SafeFastServer(BenchServer):
             port=0,
             path=WS_PATH,
             heartbeat_interval=None,
+            **options,
             # The open-loop driver queues up to m frames per subscriber faster
             # than a reader may drain them; the default 1 MiB cap would close
             # slow readers with 4001 and the run would not verify.
@@ -507,6 +522,48 @@ def make_server(kind: str, max_buffered_bytes: int) -> BenchServer:
     raise SystemExit(f"unknown server kind {kind!r}")
 
 
+class _AllocationTracer:
+    """What the server allocated between ``trace-start`` and ``trace-top``: by source line and by type.
+
+    ``trace-top n`` answers ``TOP bytes blocks file:line`` for the n source
+    lines that grew most (tracemalloc; memory allocated by C code shows
+    under the last Python line on the stack, often the event loop's
+    ``run_until_complete``), then ``TYPE name count`` for the n object
+    types (``gc``-tracked objects only) that grew most, then ``TOPEND``.
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: Any = None
+        self.types: Any = None
+
+    def start(self) -> None:
+        import collections
+        import tracemalloc
+
+        gc.collect()
+        self.types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        tracemalloc.start()
+        self.snapshot = tracemalloc.take_snapshot()
+
+    def report(self, n: int) -> None:
+        import collections
+        import tracemalloc
+
+        if self.snapshot is None:
+            _out("ERR", "trace-top before trace-start")
+            return
+        gc.collect()
+        stats = tracemalloc.take_snapshot().compare_to(self.snapshot, "lineno")
+        for stat in stats[:n]:
+            frame = stat.traceback[0]
+            _out("TOP", stat.size_diff, stat.count_diff, f"{frame.filename}:{frame.lineno}".replace(" ", "_"))
+        types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        types.subtract(self.types)
+        for name, count in types.most_common(n):
+            _out("TYPE", name.replace(" ", "_"), count)
+        _out("TOPEND")
+
+
 async def server_main(kind: str, max_buffered_bytes: int) -> None:
     """Serve; obey stdin commands, one answer line each:
 
@@ -517,10 +574,12 @@ async def server_main(kind: str, max_buffered_bytes: int) -> None:
     started — the orchestrator sends it once every frame has arrived, so it
     covers the whole delivery —, current and peak RSS in KiB, and the same
     CPU split into user and kernel time by getrusage); ``rss`` -> ``RSS rss
-    maxrss`` after a full collection; ``quit``. EOF on stdin means quit.
+    maxrss`` after a full collection; ``trace-start`` / ``trace-top n`` (see
+    :class:`_AllocationTracer`); ``quit``. EOF on stdin means quit.
     """
     raise_nofile()
     server = make_server(kind, max_buffered_bytes)
+    tracer = _AllocationTracer()
     port = await server.start()
     _out("READY", port, server.info.replace(" ", "_") or "-")
     reader = await _stdin_reader()
@@ -553,6 +612,11 @@ async def server_main(kind: str, max_buffered_bytes: int) -> None:
             elif cmd[0] == "rss":
                 gc.collect()
                 _out("RSS", rss_kib(), maxrss_kib())
+            elif cmd[0] == "trace-start":
+                tracer.start()
+                _out("TRACING")
+            elif cmd[0] == "trace-top":
+                tracer.report(int(cmd[1]))
             elif cmd[0] == "quit":
                 break
             else:
@@ -736,7 +800,11 @@ class _Counter(asyncio.BufferedProtocol):
 async def generator_main(host: str, bufsize: int) -> None:
     """Obey stdin commands, one answer line each (``GOT`` comes when the round ends):
 
-    ``connect port n concurrency timeout`` -> ``CONNECTED ok failed seconds``;
+    ``connect port n concurrency timeout [answer_timeout]`` -> ``CONNECTED ok failed seconds t_end p50 p99``
+    (``t_end``: monotonic time the last one got its answer; p50/p99: seconds
+    from the command to a connection's answer, over those that got one; a
+    connection not answered ``answer_timeout`` s (default 10) after its TCP
+    connect is tried again, up to three times in all);
     ``expect m timeout [lowat_frames frame_size [port]]`` -> ``ARMED``, later
     ``GOT total min max t_last cpu bytes`` over the connections to ``port``
     (all if 0) (``t_last``: monotonic time the last one reached m frames);
@@ -748,7 +816,7 @@ async def generator_main(host: str, bufsize: int) -> None:
     reader = await _stdin_reader()
     round_task: Optional[asyncio.Task[None]] = None
 
-    async def open_one(port: int) -> Optional[_Counter]:
+    async def open_one(port: int, answer_timeout: float = 10.0) -> Optional[_Counter]:
         key = base64.b64encode(os.urandom(16))
         request = (
             f"GET {WS_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
@@ -766,7 +834,7 @@ async def generator_main(host: str, bufsize: int) -> None:
             try:
                 await loop.create_connection(factory, host, port)
                 assert proto is not None
-                await asyncio.wait_for(asyncio.shield(proto.ready), 10)
+                await asyncio.wait_for(asyncio.shield(proto.ready), answer_timeout)
                 return proto
             except Exception as exc:
                 if proto is not None and proto.transport is not None:
@@ -777,18 +845,20 @@ async def generator_main(host: str, bufsize: int) -> None:
         sys.stderr.write(f"generator: connection failed: {last!r}\n")
         return None
 
-    async def connect(port: int, n: int, concurrency: int, timeout: float) -> None:
+    async def connect(port: int, n: int, concurrency: int, timeout: float, answer_timeout: float = 10.0) -> None:
         t0 = time.monotonic()
         sem = asyncio.Semaphore(concurrency)
         ok = failed = 0
+        answered: list[float] = []
 
         async def one() -> None:
             nonlocal ok, failed
             async with sem:
-                proto = await open_one(port)
+                proto = await open_one(port, answer_timeout)
             if proto is None:
                 failed += 1
             else:
+                answered.append(time.monotonic())
                 gen.conns.append(proto)
                 ok += 1
 
@@ -799,7 +869,13 @@ async def generator_main(host: str, bufsize: int) -> None:
             for t in tasks:
                 t.cancel()
             failed = n - ok
-        _out("CONNECTED", ok, failed, repr(time.monotonic() - t0))
+        answered.sort()
+        t_end = answered[-1] if answered else time.monotonic()
+
+        def quantile(q: float) -> float:
+            return answered[min(len(answered) - 1, int(q * len(answered)))] - t0 if answered else float("nan")
+
+        _out("CONNECTED", ok, failed, repr(time.monotonic() - t0), repr(t_end), repr(quantile(0.5)), repr(quantile(0.99)))
 
     async def expect(m: int, timeout: float, lowat_frames: int, frame_size: int, port: int) -> None:
         cpu0 = time.process_time()
@@ -860,7 +936,7 @@ async def generator_main(host: str, bufsize: int) -> None:
             if not cmd:
                 continue
             if cmd[0] == "connect":
-                await connect(int(cmd[1]), int(cmd[2]), int(cmd[3]), float(cmd[4]))
+                await connect(int(cmd[1]), int(cmd[2]), int(cmd[3]), float(cmd[4]), *(float(x) for x in cmd[5:6]))
             elif cmd[0] == "expect":
                 if round_task is not None and not round_task.done():
                     round_task.cancel()
@@ -928,7 +1004,10 @@ class Child:
         self.errfile = errfile
 
     @classmethod
-    async def start(cls, name: str, args: list[str], env: Optional[dict[str, str]] = None) -> "Child":
+    async def start(
+        cls, name: str, args: list[str], env: Optional[dict[str, str]] = None, command: Optional[list[str]] = None
+    ) -> "Child":
+        """Start ``python _harness.py *args`` (or ``command + args``: another program speaking the same lines)."""
         errfile = tempfile.TemporaryFile()
         full_env = dict(os.environ if env is None else env)
         # Children import safe_fast from where this process did: the checkout's
@@ -948,8 +1027,7 @@ class Child:
                 parts.insert(0, str(origin))
             full_env["PYTHONPATH"] = os.pathsep.join(parts)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(HARNESS),
+            *(command or [sys.executable, str(HARNESS)]),
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -974,8 +1052,14 @@ class Child:
 
     async def expect(self, tag: str, timeout: float) -> list[str]:
         """The fields of the next line starting with ``tag`` (a bounded wait)."""
+        return (await self.lines_until(tag, timeout, keep=False))[-1]
+
+    async def lines_until(self, tag: str, timeout: float, *, keep: bool = True) -> list[list[str]]:
+        """Every line (as fields) before the next one starting with ``tag``, then that one's
+        fields after the tag (a bounded wait; ``keep=False`` drops the lines before)."""
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
+        lines: list[list[str]] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -988,9 +1072,11 @@ class Child:
                 raise ChildError(f"{self.name}: exited (rc={self.proc.returncode}) waiting for {tag}\n{self.stderr_tail()}")
             fields = line.decode().split()
             if fields and fields[0] == tag:
-                return fields[1:]
+                return lines + [fields[1:]]
             if fields and fields[0] == "ERR":
                 raise ChildError(f"{self.name}: {' '.join(fields)}")
+            if keep:
+                lines.append(fields)
 
     async def ask(self, line: str, tag: str, timeout: float = 30) -> list[str]:
         await self.send(line)
@@ -1028,6 +1114,50 @@ class Child:
                     self.proc.kill()
                 except ProcessLookupError:
                     pass
+
+
+# -- Node's ws, a peer server of some comparisons -------------------------------------
+
+NODE_CACHE = Path(os.environ.get("BENCH_NODE_CACHE", str(Path.home() / ".cache" / "safe_fast-bench" / "node")))
+NODE_SERVER = Path(__file__).resolve().parent / "node_ws_server.js"
+WS_SPEC = "ws@8"
+
+
+def ensure_node_ws() -> Optional[str]:
+    """NODE_PATH for an installed ``ws`` (npm installs it into NODE_CACHE on first use), or None without node/npm.
+
+    Never into the repository: the cache is ``~/.cache/safe_fast-bench/node``
+    unless ``BENCH_NODE_CACHE`` says otherwise.
+    """
+    import shutil
+    import subprocess
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return None
+    modules = NODE_CACHE / "node_modules"
+    if not (modules / "ws" / "package.json").exists():
+        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+        print(f"# installing {WS_SPEC} into {NODE_CACHE}", file=sys.stderr)
+        subprocess.run(
+            [npm, "install", "--prefix", str(NODE_CACHE), "--no-audit", "--no-fund", "--silent", WS_SPEC],
+            check=True,
+            timeout=300,
+        )
+    return str(modules)
+
+
+async def start_server(name: str, kind: str, env: dict[str, str]) -> Child:
+    """A server child of ``kind``: one of :func:`make_server`'s, or ``node`` (``node_ws_server.js``)."""
+    if kind != "node":
+        return await Child.start(name, ["server", kind], env)
+    import shutil
+
+    node_path = ensure_node_ws()
+    if node_path is None:
+        raise ChildError("node or npm not found")
+    env = {**env, "NODE_PATH": node_path}
+    return await Child.start(name, ["--expose-gc", str(NODE_SERVER)], env, command=[shutil.which("node") or "node"])
 
 
 def pin_from_env() -> None:

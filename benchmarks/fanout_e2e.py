@@ -160,12 +160,7 @@ class _Live:
 
 
 def _env_for(spec: ServerSpec, args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in spec.env.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = h.child_env(spec.env)
     if args.pin:
         env["BENCH_CPUS"] = args.pin[0]
     return env

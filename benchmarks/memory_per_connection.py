@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Server memory per idle subscribed connection.
 
-    PYTHONPATH=src python benchmarks/memory_per_connection.py                      # 10,000 connections, both cores
+    PYTHONPATH=src python benchmarks/memory_per_connection.py                      # 20,000 connections, both cores
     PYTHONPATH=src python benchmarks/memory_per_connection.py --connections 1000   # quick
     PYTHONPATH=src python benchmarks/memory_per_connection.py --servers compiled,pure,websockets,picows,raw
+    PYTHONPATH=src python benchmarks/memory_per_connection.py --breakdown 2000     # where it goes
 
 For each server (by default ours on the compiled and on the pure core), in a
 fresh server process: open a few warm-up connections and close them, read the
@@ -15,7 +16,15 @@ process holds in user space; the kernel's socket buffers are not in it.
 
 Both the server and the generators raise their RLIMIT_NOFILE soft limit to
 the hard limit; N must fit under it (each generator holds N/generators
-sockets). Everything is bounded in time and every process is killed on exit.
+sockets). Without ``--connections``, N is 20,000, lowered (with a note) to
+what the hard limit allows. Everything is bounded in time and every process
+is killed on exit.
+
+``--breakdown N`` measures, in another fresh server process per server,
+what N connections allocated, per connection: by source line (tracemalloc;
+what C code allocates shows under the last Python line on the stack) and by
+object type (``gc``). tracemalloc costs memory of its own, so this pass is
+separate from the RSS figure.
 """
 
 from __future__ import annotations
@@ -30,21 +39,19 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as h  # noqa: E402
-from fanout_e2e import EXTRA_SERVERS, SERVERS, SHORT, machine, split  # noqa: E402
+from fanout_e2e import EXTRA_SERVERS, SERVERS, SHORT, ServerSpec, machine, split  # noqa: E402
+
+NODE = ServerSpec("Node ws", "node", {})
 
 TARGET_KIB = 10.0
+DEFAULT_CONNECTIONS = 20_000
 
 
 async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]:
-    env = dict(os.environ)
-    for key, value in spec.env.items():  # type: ignore[attr-defined]
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = h.child_env(spec.env)  # type: ignore[attr-defined]
     result: dict[str, object] = {"server": spec.name, "connections": args.connections}  # type: ignore[attr-defined]
     gens: list[h.Child] = []
-    server = await h.Child.start(spec.name, ["server", spec.kind], env)  # type: ignore[attr-defined]
+    server = await h.start_server(spec.name, spec.kind, env)  # type: ignore[attr-defined]
     try:
         for i in range(args.generators):
             gens.append(await h.Child.start(f"generator-{i}", ["generator", "127.0.0.1", str(args.recv_buffer)]))
@@ -105,8 +112,46 @@ async def measure(spec: "object", args: argparse.Namespace) -> dict[str, object]
     return result
 
 
+async def breakdown(spec: "object", args: argparse.Namespace) -> None:
+    """Print where ``args.breakdown`` connections' memory goes in one server, per connection."""
+    n = args.breakdown
+    env = h.child_env(spec.env)  # type: ignore[attr-defined]
+    server = await h.start_server(spec.name, spec.kind, env)  # type: ignore[attr-defined]
+    gen: Optional[h.Child] = None
+    try:
+        gen = await h.Child.start("generator", ["generator", "127.0.0.1", str(args.recv_buffer)])
+        port = (await server.expect("READY", 60))[0]
+        await gen.send(f"connect {port} {args.warmup} 16 60")
+        await gen.expect("CONNECTED", 75)
+        await gen.ask("close", "CLOSED", 30)
+        await asyncio.sleep(0.5)
+        await server.ask("trace-start", "TRACING")
+        await gen.send(f"connect {port} {n} {args.concurrency} {args.timeout}")
+        ok = int((await gen.expect("CONNECTED", args.timeout + 30))[0])
+        await asyncio.sleep(0.5)
+        await server.send("trace-top 25")
+        lines = (await server.lines_until("TOPEND", 120))[:-1]
+        print(f"\n{spec.name}: {ok:,} connections; per connection:")  # type: ignore[attr-defined]
+        total = sum(int(f[1]) for f in lines if f[0] == "TOP")
+        print(f"  tracemalloc, top 25 lines: {total / ok:,.0f} B")
+        for f in lines:
+            if f[0] == "TOP" and abs(int(f[1])) / ok >= 8:
+                print(f"  {int(f[1]) / ok:8.1f} B {int(f[2]) / ok:5.2f} blocks  {f[3]}")
+        print("  objects (gc-tracked) per connection:")
+        print("   " + ", ".join(f"{f[1]} {int(f[2]) / ok:.2f}" for f in lines if f[0] == "TYPE" and int(f[2]) / ok >= 0.5))
+    finally:
+        if gen is not None:
+            await gen.stop()
+        await server.stop()
+
+
 async def amain(args: argparse.Namespace) -> int:
     soft, hard = h.raise_nofile()
+    if args.connections is None:
+        args.connections = DEFAULT_CONNECTIONS
+        if hard != resource.RLIM_INFINITY and args.connections + 500 > hard:
+            args.connections = (hard - 500) // 500 * 500
+            print(f"# RLIMIT_NOFILE hard limit {hard}: {args.connections:,} connections instead of {DEFAULT_CONNECTIONS:,}", file=sys.stderr)
     per_gen = -(-args.connections // args.generators)
     if hard != resource.RLIM_INFINITY and max(per_gen, args.connections) + 100 > hard:
         print(
@@ -116,6 +161,12 @@ async def amain(args: argparse.Namespace) -> int:
         )
         return 2
     specs = [s for s in SERVERS + EXTRA_SERVERS if SHORT[s.name] in args.servers or s.name in args.servers]
+    if "node" in args.servers:
+        specs.append(NODE)
+    if args.breakdown:
+        for spec in specs:
+            await breakdown(spec, args)
+        return 0
     print(f"# memory_per_connection — {machine()}; RLIMIT_NOFILE {soft}/{hard}", file=sys.stderr)
     results = []
     started = time.monotonic()
@@ -156,8 +207,9 @@ async def amain(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--connections", type=int, default=10_000)
-    p.add_argument("--servers", type=lambda t: t.split(","), default=["compiled", "pure"], help="subset of: " + ",".join(SHORT.values()))
+    p.add_argument("--connections", type=int, default=None, help=f"default {DEFAULT_CONNECTIONS:,}, or what RLIMIT_NOFILE allows")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N", help="instead: where N connections' memory goes")
+    p.add_argument("--servers", type=lambda t: t.split(","), default=["compiled", "pure"], help="subset of: " + ",".join([*SHORT.values(), "node"]))
     p.add_argument("--generators", type=int, default=1, help="generator processes (connections split evenly)")
     p.add_argument("--concurrency", type=int, default=100, help="handshakes in flight per generator")
     p.add_argument("--warmup", type=int, default=20, help="connections opened and closed before 'before'")

@@ -29,21 +29,38 @@ order they were issued:
   ``subscribe()`` returned is published after the node is subscribed and
   comes back to it.
 
+Delivery is local-first: ``broadcast`` encodes the message into one
+WebSocket frame and fans it out to this node's subscribers at once, then
+queues the PUBLISH for the other nodes. A Redis that is down or slow
+therefore never keeps a node's own transactions from its own clients.
+
 A second task, the reader, owns the reads of the pub/sub connection. Every
-payload it receives is validated with :func:`parse_server_message`, encoded
-into one WebSocket frame once and queued on every local subscriber; a node
-delivers to its own subscribers ONLY through this path (its own publishes
-come back to it), so there is one delivery path and no duplicate. When the
-pub/sub connection fails, the reader reports the error to ``on_error``,
-waits a bounded exponential backoff, opens a new pub/sub connection and
-subscribes every channel that has local subscribers at that moment; commands
-still queued behind it are then applied in order, which converges on the
-local map.
+payload it receives is validated with :func:`parse_server_message`; the
+echo of this node's own PUBLISH is dropped, anything else is encoded into
+one frame once and queued on the local subscribers. Own echoes come back in
+the order they were published, so each channel keeps the FIFO of what this
+node published and is still waiting to see again, keyed by transaction id
+(by payload bytes for the rare frame without one: ``lifecycle``). Rule 4
+of STORE.md holds per subscriber: a ``transaction`` frame reaches it at
+most once, in order, and never one its snapshot already holds. Per
+channel, the highest id delivered (``mark``) drops a frame from Redis that
+is not newer (a duplicate, or one overtaken by a newer local one: the
+client's gap detection fetches it by replay), and each subscriber keeps its
+snapshot's ``lastTransactionId`` so frames at or below it skip it. A
+``lifecycle`` frame starts a new epoch (a replaced ShareData may count its
+ids from 1 again): the marks are reset.
+
+When the pub/sub connection fails, or stays silent after a PING for longer
+than ``command_timeout``, the reader reports it to ``on_error``, waits a
+bounded exponential backoff, opens a new pub/sub connection and subscribes
+every channel that has local subscribers at that moment; commands still
+queued behind it are then applied in order, which converges on the local
+map.
 
 Nothing of this ever blocks the caller: a Redis failure becomes an
-``on_error`` call (default: a log line) and, for live frames, a lost frame.
-Live delivery across nodes is at-most-once; the replay window is the
-recovery path (see docs/scaleout.md).
+``on_error`` call (default: a log line) and, for other nodes, a lost frame.
+Live delivery across nodes is at-most-once; the replay window and the
+client's gap detection are the recovery path (see docs/scaleout.md).
 """
 
 from __future__ import annotations
@@ -52,9 +69,8 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import orjson
 
@@ -274,8 +290,55 @@ class RedisReplayStore:
 _PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE, _BARRIER = range(4)
 _POLL_SECONDS = 1.0
 """Longest a pub/sub read waits before the reader looks at its state again."""
-_ECHO_LOOKAHEAD = 8
-"""Own PUBLISHes an echo may overtake: ones whose loss was not seen."""
+_NO_ID = -1
+"""The sequence number of "no transaction yet" (ids count from 1)."""
+
+
+def _sequence(transaction_id: Any) -> Optional[int]:
+    """The number of a decimal transaction id ("12" -> 12); None for any other id."""
+    if type(transaction_id) is str and transaction_id.isdigit() and transaction_id.isascii():
+        return int(transaction_id)
+    return None
+
+
+def _kind_and_sequence(message: Any) -> tuple[Any, Optional[int]]:
+    """A message's ``type`` and, for a ``transaction``, its id as a number."""
+    if isinstance(message, dict):
+        kind = message.get("type")
+        return kind, _sequence(message.get("transactionId")) if kind == "transaction" else None
+    kind = message.type
+    return kind, _sequence(message.transaction_id) if kind == "transaction" else None
+
+
+def _snapshot_sequence(connection: Any, share_data_id: str) -> Optional[int]:
+    """The ``lastTransactionId`` of the snapshot a server connection is about to get, as a number.
+
+    The server registers a subscriber and takes its ``state`` frame from its
+    manager with no ``await`` in between, so the manager holds that snapshot
+    now. None when the connection is not a server connection.
+    """
+    manager = getattr(getattr(connection, "hub", None), "manager", None)
+    if manager is None:
+        return None
+    share_data = manager.get_share_data_by_id(share_data_id)
+    if share_data is None:
+        return None
+    sequence = _sequence(share_data.last_transaction_id)
+    return _NO_ID if sequence is None else sequence
+
+
+class _Delivery:
+    """What one channel has delivered on this node, and its own echoes still to come."""
+
+    __slots__ = ("mark", "newest", "own")
+
+    def __init__(self) -> None:
+        self.mark = _NO_ID
+        """The highest transaction id delivered here in this epoch."""
+        self.newest = _NO_ID
+        """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
+        self.own: deque[Any] = deque()
+        """This node's PUBLISHes whose echo has not come back: ids, or payloads for frames without one."""
 
 
 def _log_error(error: BaseException) -> None:
@@ -285,7 +348,8 @@ def _log_error(error: BaseException) -> None:
 class RedisChannelRegistry:
     """A channel registry whose broadcasts reach subscribers on every node.
 
-    ``redis_client`` is a ``redis.asyncio.Redis``; PUBLISHes go through it and
+    This node's subscribers get its broadcasts at once (local-first); the
+    other nodes' through Redis. ``redis_client`` is a ``redis.asyncio.Redis``; PUBLISHes go through it and
     the subscriptions through one dedicated pub/sub connection
     (``redis_client.pubsub()``). ``on_error(exception)`` is called for every
     Redis failure and every invalid payload received (default: log a
@@ -296,7 +360,13 @@ class RedisChannelRegistry:
     Redis cannot eat the memory); ``reconnect_min_delay`` /
     ``reconnect_max_delay`` bound the pub/sub reconnection backoff (doubling
     from min to max); ``confirm_timeout`` bounds how long the command queue
-    waits for Redis to confirm a SUBSCRIBE/UNSUBSCRIBE.
+    waits for Redis to confirm a SUBSCRIBE/UNSUBSCRIBE; ``command_timeout``
+    bounds one attempt of a Redis command (a Redis that stopped answering
+    fails it instead of stalling the queue); ``retry`` (a
+    ``redis.asyncio.retry.Retry``; default: 2 retries, exponential backoff
+    from ``reconnect_min_delay`` to ``reconnect_max_delay``) is how often a
+    failed PUBLISH is attempted again before its frames are dropped. Every
+    failed attempt is reported to ``on_error``.
 
     Use it from inside the event loop (its tasks start on first use) and
     ``await registry.close()`` when done.
@@ -312,6 +382,8 @@ class RedisChannelRegistry:
         reconnect_min_delay: float = 0.05,
         reconnect_max_delay: float = 2.0,
         confirm_timeout: float = 5.0,
+        command_timeout: float = 1.0,
+        retry: Any = None,
     ) -> None:
         if not isinstance(channel_prefix, str):
             raise TypeError("channel_prefix must be a string")
@@ -323,6 +395,17 @@ class RedisChannelRegistry:
             raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
         if not confirm_timeout > 0:
             raise ValueError("confirm_timeout must be > 0")
+        if not command_timeout > 0:
+            raise ValueError("command_timeout must be > 0")
+        # redis-py is the caller's (the ``redis`` extra): imported only when a registry is made.
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        if retry is None:
+            retry = Retry(ExponentialBackoff(cap=reconnect_max_delay, base=reconnect_min_delay), retries=2)
+        elif not callable(getattr(retry, "call_with_retry", None)):
+            raise TypeError("retry must be a redis.asyncio.retry.Retry")
         self.redis = redis_client
         self.channel_prefix = channel_prefix
         self.on_error: Callable[[BaseException], Any] = on_error if on_error is not None else _log_error
@@ -330,22 +413,16 @@ class RedisChannelRegistry:
         self.reconnect_min_delay = reconnect_min_delay
         self.reconnect_max_delay = reconnect_max_delay
         self.confirm_timeout = confirm_timeout
+        self.command_timeout = command_timeout
+        self.retry = retry
+        self._timeout_error = RedisTimeoutError
 
         # Local subscribers, as in InMemoryChannelRegistry; each maps to the
-        # count of this node's PUBLISHes when it subscribed.
+        # lastTransactionId (a number) of the snapshot it took.
         self._local: dict[str, dict[Any, int]] = {}
-        # Subscribers of a removed channel, kept until Redis confirms its
-        # UNSUBSCRIBE so that the frames published before it (the
-        # `lifecycle removed` one) still reach them.
-        self._draining: dict[str, dict[Any, int]] = {}
-        # This node's PUBLISHes so far, and those of channels with local
-        # subscribers whose echo from Redis has not come back yet, as
-        # (number, payload). A subscriber's snapshot already holds what this
-        # node published before it subscribed: those echoes skip it.
-        self._published = 0
-        self._echoes: dict[str, deque[tuple[int, bytes, float]]] = {}
-        # Per channel, the count when its newest local subscriber subscribed.
-        self._newest: dict[str, int] = {}
+        # Per channel subscribed (or being subscribed, or unsubscribed) at
+        # Redis: what was delivered, and the own echoes still to come.
+        self._deliveries: dict[str, _Delivery] = {}
 
         self._ops: deque[tuple[Any, ...]] = deque()
         self._pending_publishes = 0
@@ -357,6 +434,7 @@ class RedisChannelRegistry:
         self._pubsub: Any = None
         self._pubsub_lock = asyncio.Lock()
         self._broken = False
+        self._ping_sent_at: Optional[float] = None
         self._delay = reconnect_min_delay
         # (kind, channel) -> futures resolved by the reader on Redis' confirmation
         self._confirmations: dict[tuple[int, str], list[asyncio.Future[None]]] = {}
@@ -370,9 +448,18 @@ class RedisChannelRegistry:
         if subscribers is None:
             subscribers = self._local[share_data_id] = {}
             self._enqueue((_SUBSCRIBE, self._channel(share_data_id)))
+        delivery = self._deliveries.get(share_data_id)
+        if delivery is None:
+            delivery = self._deliveries[share_data_id] = _Delivery()
         # Again for a subscriber already here (it keeps its place): it has just
-        # taken a new snapshot.
-        subscribers[connection] = self._newest[share_data_id] = self._published
+        # taken a new snapshot. Without one to read, what this node delivered
+        # so far stands for it.
+        snapshot = _snapshot_sequence(connection, share_data_id)
+        if snapshot is None:
+            snapshot = delivery.mark
+        subscribers[connection] = snapshot
+        if snapshot > delivery.newest:
+            delivery.newest = snapshot
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._local.get(share_data_id)
@@ -383,7 +470,7 @@ class RedisChannelRegistry:
                 self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
 
     def broadcast(self, share_data_id: str, message: ServerMessage | dict[str, Any]) -> None:
-        """PUBLISH ``message`` (always; local subscribers get it back from Redis).
+        """Deliver ``message`` to the local subscribers now, and PUBLISH it for the other nodes.
 
         Raises :class:`~safe_fast.messages.EncodeError` at once if the message
         cannot be JSON; everything later is reported to ``on_error``.
@@ -391,6 +478,19 @@ class RedisChannelRegistry:
         payload = encode_message(message)
         if self._closed:
             return
+        delivery = self._deliveries.get(share_data_id)
+        echo: Any = None
+        if delivery is not None:
+            kind, sequence = _kind_and_sequence(message)
+            echo = payload if sequence is None else sequence
+            subscribers = self._local.get(share_data_id)
+            if subscribers:
+                self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
+            if sequence is not None:
+                if sequence > delivery.mark:
+                    delivery.mark = sequence
+            elif kind == "lifecycle":
+                self._new_epoch(delivery, subscribers)
         if self._pending_publishes >= self.max_pending_publishes:
             self._report(
                 RuntimeError(
@@ -399,41 +499,27 @@ class RedisChannelRegistry:
                 )
             )
             return
-        self._enqueue((_PUBLISH, self._channel(share_data_id), payload))
+        if delivery is not None:
+            # Subscribed at Redis (or about to be): this PUBLISH comes back.
+            own = delivery.own
+            own.append(echo)
+            if len(own) > self.max_pending_publishes:
+                own.popleft()  # long lost: never let them pile up
+        self._enqueue((_PUBLISH, self._channel(share_data_id), payload, echo))
         self._pending_publishes += 1
-        self._published += 1
-        if share_data_id in self._local:
-            now = time.monotonic()
-            echoes = self._echoes.get(share_data_id)
-            if echoes is None:
-                echoes = self._echoes[share_data_id] = deque()
-            else:
-                self._expire(echoes, now)
-            echoes.append((self._published, payload, now))
 
     def remove_connection(self, connection: Any) -> None:
         for share_data_id in [i for i, subs in self._local.items() if connection in subs]:
             self.unsubscribe(share_data_id, connection)
-        for subscribers in self._draining.values():
-            subscribers.pop(connection, None)
 
     def remove_channel(self, share_data_id: str) -> None:
         """Drop every local subscriber of ``share_data_id`` and UNSUBSCRIBE.
 
-        Frames published before this call (the ``lifecycle removed`` that
-        precedes it) still reach those subscribers: they are kept until Redis
-        confirms the UNSUBSCRIBE, which comes after them on the connection.
+        The ``lifecycle removed`` frame broadcast just before has already
+        reached them: local delivery does not wait for Redis.
         """
-        subscribers = self._local.pop(share_data_id, None)
-        if subscribers is None:
-            return
-        if not self._closed:
-            previous = self._draining.get(share_data_id)
-            if previous:
-                previous.update(subscribers)
-            else:
-                self._draining[share_data_id] = subscribers
-        self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
+        if self._local.pop(share_data_id, None) is not None:
+            self._enqueue((_UNSUBSCRIBE, self._channel(share_data_id)))
 
     # -- inspection and lifecycle --------------------------------------------------
 
@@ -496,7 +582,7 @@ class RedisChannelRegistry:
             self._ops.clear()
             self._pending_publishes = 0
             self._release_confirmations()
-            self._draining.clear()
+            self._deliveries.clear()
             pubsub, self._pubsub = self._pubsub, None
             if pubsub is not None:
                 await self._close_pubsub(pubsub)
@@ -545,7 +631,8 @@ class RedisChannelRegistry:
                     while ops and ops[0][0] == _PUBLISH and len(batch) < _MAX_PIPELINE:
                         batch.append(ops.popleft())
                     self._pending_publishes -= len(batch)
-                    await self._publish(batch)
+                    if not await self._publish(batch):
+                        self._no_echo(batch)
                 elif kind == _BARRIER:
                     if not op[1].done():
                         op[1].set_result(None)
@@ -558,29 +645,52 @@ class RedisChannelRegistry:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if kind == _PUBLISH:
-                    self._no_echo(batch)
                 self._report(exc)
 
     def _no_echo(self, batch: list[tuple[Any, ...]]) -> None:
         """These PUBLISHes failed: no echo of theirs will come back."""
-        for _, channel, payload in batch:
-            echoes = self._echoes.get(self._share_data_id(channel))
-            if echoes:
-                for index, (_, mine, _) in enumerate(echoes):
-                    if mine is payload:
-                        del echoes[index]
-                        break
+        for _, channel, _, echo in batch:
+            if echo is not None:
+                delivery = self._deliveries.get(self._share_data_id(channel))
+                if delivery is not None:
+                    with contextlib.suppress(ValueError):
+                        delivery.own.remove(echo)
 
-    async def _publish(self, batch: list[tuple[Any, ...]]) -> None:
-        if len(batch) == 1:
-            _, channel, payload = batch[0]
-            await self.redis.publish(channel, payload)
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for _, channel, payload in batch:
-            pipe.publish(channel, payload)
-        await pipe.execute()
+    async def _bounded(self, command: Awaitable[Any], what: str) -> Any:
+        """One attempt of a Redis command, failed after ``command_timeout``."""
+        try:
+            return await asyncio.wait_for(command, self.command_timeout)
+        except asyncio.TimeoutError:
+            raise self._timeout_error(f"Redis did not answer {what} within {self.command_timeout}s") from None
+
+    async def _publish(self, batch: list[tuple[Any, ...]]) -> bool:
+        """PUBLISH ``batch`` with the retry policy; False once every attempt failed (each reported)."""
+
+        def attempt() -> Awaitable[Any]:
+            if len(batch) == 1:
+                _, channel, payload, _ = batch[0]
+                return self._bounded(self.redis.publish(channel, payload), "PUBLISH")
+            pipe = self.redis.pipeline(transaction=False)
+            for _, channel, payload, _ in batch:
+                pipe.publish(channel, payload)
+            return self._bounded(pipe.execute(), f"{len(batch)} PUBLISHes")
+
+        reported: Optional[BaseException] = None
+
+        async def failed(error: BaseException) -> None:
+            nonlocal reported
+            reported = error
+            self._report(error)
+
+        try:
+            await self.retry.call_with_retry(attempt, failed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if exc is not reported:  # not one the policy retries: reported here
+                self._report(exc)
+            return False
+        return True
 
     async def _pubsub_command(self, kind: int, channels: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -592,8 +702,8 @@ class RedisChannelRegistry:
             pubsub = self._pubsub
             if pubsub is None:
                 if kind == _UNSUBSCRIBE:
-                    # No pub/sub connection: nothing is subscribed, nothing to drain.
-                    self._stop_draining(channels)
+                    # No pub/sub connection: nothing is subscribed, no echo to wait for.
+                    self._unsubscribed(channels)
                     return
                 pubsub = self._pubsub = self.redis.pubsub()
             waiting: list[tuple[tuple[int, str], asyncio.Future[None]]] = []
@@ -603,14 +713,14 @@ class RedisChannelRegistry:
                 waiting.append(((kind, channel), confirmed))
             try:
                 if kind == _SUBSCRIBE:
-                    await pubsub.subscribe(*channels)
+                    await self._bounded(pubsub.subscribe(*channels), "SUBSCRIBE")
                 else:
-                    await pubsub.unsubscribe(*channels)
+                    await self._bounded(pubsub.unsubscribe(*channels), "UNSUBSCRIBE")
             except BaseException:
                 for key, confirmed in waiting:
                     self._forget_confirmation(key, confirmed)
                 if kind == _UNSUBSCRIBE:
-                    self._stop_draining(channels)
+                    self._unsubscribed(channels)
                 self._broken = True
                 self._wake_reader.set()
                 raise
@@ -622,15 +732,18 @@ class RedisChannelRegistry:
             for key, confirmed in waiting:
                 self._forget_confirmation(key, confirmed)
             if kind == _UNSUBSCRIBE:
-                self._stop_draining(late)
+                self._unsubscribed(late)
             verb = "SUBSCRIBE" if kind == _SUBSCRIBE else "UNSUBSCRIBE"
             self._report(
                 TimeoutError(f"Redis did not confirm {verb} {' '.join(late)} within {self.confirm_timeout}s")
             )
 
-    def _stop_draining(self, channels: list[str]) -> None:
+    def _unsubscribed(self, channels: list[str]) -> None:
+        """No more echoes on these channels: forget what they delivered, unless subscribed again."""
         for channel in channels:
-            self._draining.pop(self._share_data_id(channel), None)
+            share_data_id = self._share_data_id(channel)
+            if share_data_id not in self._local:
+                self._deliveries.pop(share_data_id, None)
 
     def _forget_confirmation(self, key: tuple[int, str], future: asyncio.Future[None]) -> None:
         waiting = self._confirmations.get(key)
@@ -674,12 +787,45 @@ class RedisChannelRegistry:
                 self._report(exc)
                 self._broken = True
                 continue
-            if message is not None:
-                self._delay = self.reconnect_min_delay
-                try:
-                    self._on_pubsub_message(message)
-                except Exception as exc:  # never let one message stop the reader
-                    self._report(exc)
+            if message is None:
+                await self._check_alive(pubsub)
+                continue
+            self._delay = self.reconnect_min_delay
+            self._ping_sent_at = None  # anything heard shows the connection alive
+            try:
+                self._on_pubsub_message(message)
+            except Exception as exc:  # never let one message stop the reader
+                self._report(exc)
+
+    async def _check_alive(self, pubsub: Any) -> None:
+        """Send a quiet pub/sub connection a PING; replace it if no answer comes within ``command_timeout``.
+
+        A Redis that stopped (or a network that went silent) closes no
+        socket: without this, the node would wait for its channels forever.
+        """
+        loop = asyncio.get_running_loop()
+        if self._ping_sent_at is None:
+            self._ping_sent_at = loop.time()
+            try:
+                async with self._pubsub_lock:
+                    if pubsub is self._pubsub and not self._broken:
+                        await self._bounded(pubsub.ping(), "PING")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._report(exc)
+                self._broken = True
+        elif loop.time() - self._ping_sent_at > self.command_timeout:
+            self._report(
+                self._timeout_error(
+                    f"Redis did not answer PING on the pub/sub connection within {self.command_timeout}s"
+                )
+            )
+            self._broken = True
+        else:
+            return
+        if self._broken:
+            self._ping_sent_at = None
 
     async def _reconnect(self) -> None:
         """Back off, then a fresh pub/sub connection subscribed to what the local map holds."""
@@ -690,16 +836,14 @@ class RedisChannelRegistry:
             old, self._pubsub = self._pubsub, None
             if old is not None:
                 await self._close_pubsub(old)
-            # Frames published before a pending UNSUBSCRIBE may be lost with
-            # the connection: nothing more can be delivered to these. Echoes
-            # under way are lost with it too.
-            self._draining.clear()
-            self._echoes.clear()
+            # Channels left without local subscribers are not subscribed again.
+            for share_data_id in [i for i in self._deliveries if i not in self._local]:
+                del self._deliveries[share_data_id]
             wanted = [self._channel(share_data_id) for share_data_id in self._local]
             if wanted:
                 pubsub = self.redis.pubsub()
                 try:
-                    await pubsub.subscribe(*wanted)
+                    await self._bounded(pubsub.subscribe(*wanted), "SUBSCRIBE")
                 except asyncio.CancelledError:
                     await self._close_pubsub(pubsub)
                     raise
@@ -729,65 +873,68 @@ class RedisChannelRegistry:
         elif kind == "unsubscribe":
             channel = _text(message["channel"])
             if channel.startswith(self.channel_prefix):
-                share_data_id = self._share_data_id(channel)
-                self._draining.pop(share_data_id, None)
-                if share_data_id not in self._local:
-                    self._echoes.pop(share_data_id, None)
-                    self._newest.pop(share_data_id, None)
+                self._unsubscribed([channel])
             self._confirm(_UNSUBSCRIBE, channel)
 
-    def _expire(self, echoes: deque[tuple[int, bytes, float]], now: float) -> None:
-        """Stop waiting for echoes that will not come (lost in a failure or a reconnect)."""
-        horizon = now - self.confirm_timeout
-        while echoes and (echoes[0][2] < horizon or len(echoes) >= self.max_pending_publishes):
-            echoes.popleft()
-
-    def _own_echo(self, share_data_id: str, payload: bytes) -> Optional[int]:
-        """The number of this node's PUBLISH that ``payload`` echoes; None for another node's."""
-        echoes = self._echoes.get(share_data_id)
-        if not echoes:
-            return None
-        self._expire(echoes, time.monotonic())
-        for index, (number, mine, _) in enumerate(echoes):
-            if mine == payload:
-                for _ in range(index + 1):  # any before it will not come back
-                    echoes.popleft()
-                if not echoes:
-                    del self._echoes[share_data_id]
-                return number
-            if index == _ECHO_LOOKAHEAD:
-                break
-        return None
-
     def _deliver(self, channel: str, payload: Any) -> None:
-        """One payload from Redis -> one frame -> every local subscriber."""
+        """One payload from Redis: an own echo or nothing new is dropped, else one frame -> local subscribers."""
         if not channel.startswith(self.channel_prefix):
             return
         share_data_id = self._share_data_id(channel)
-        targets = self._local.get(share_data_id)
-        draining = self._draining.get(share_data_id)
-        if draining:
-            if targets:
-                targets = {**draining, **targets}
-            else:
-                targets = draining
-        if not targets:
-            return
+        delivery = self._deliveries.get(share_data_id)
+        if delivery is None:
+            return  # nobody here, and no echo of ours under way
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         elif not isinstance(payload, bytes):
             payload = bytes(payload)
         try:
-            parse_server_message(payload)
+            message = parse_server_message(payload)
         except InvalidMessage as exc:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
-        number = self._own_echo(share_data_id, payload)
-        if number is not None and self._newest.get(share_data_id, -1) >= number:
-            # Someone subscribed after this node published it: their state
-            # frame already holds it, so it would go backwards for them.
-            targets = {connection: start for connection, start in targets.items() if start < number}
-        try:
-            core.fanout(core.encode_frame(payload), targets)
-        except Exception as exc:
-            self._report(exc)
+        kind, sequence = _kind_and_sequence(message)
+        own = delivery.own
+        if own and self._own_echo(own, payload if sequence is None else sequence):
+            return  # delivered here when it was broadcast
+        subscribers = self._local.get(share_data_id)
+        if sequence is not None:
+            if sequence <= delivery.mark:
+                return  # a copy of one delivered, or older than one delivered
+            delivery.mark = sequence
+        elif kind == "lifecycle":
+            self._new_epoch(delivery, subscribers)
+        if subscribers:
+            try:
+                self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
+            except Exception as exc:
+                self._report(exc)
+
+    @staticmethod
+    def _own_echo(own: deque[Any], echo: Any) -> bool:
+        """Whether ``echo`` is one of this node's PUBLISHes coming back (then taken off ``own``)."""
+        if own[0] == echo:
+            own.popleft()
+            return True
+        for index, mine in enumerate(own):
+            if mine == echo:
+                for _ in range(index + 1):  # those before it were lost on the way
+                    own.popleft()
+                return True
+        return False
+
+    @staticmethod
+    def _fan_out(delivery: _Delivery, subscribers: dict[Any, int], frame: bytes, sequence: Optional[int]) -> None:
+        if sequence is not None and sequence <= delivery.newest:
+            # Someone's snapshot already holds it: skip them (rare; the common
+            # case below does no work per subscriber).
+            subscribers = {connection: seen for connection, seen in subscribers.items() if seen < sequence}
+        core.fanout(frame, subscribers)
+
+    @staticmethod
+    def _new_epoch(delivery: _Delivery, subscribers: Optional[dict[Any, int]]) -> None:
+        """After a ``lifecycle`` frame the ids may start again from 1: forget the marks."""
+        delivery.mark = delivery.newest = _NO_ID
+        if subscribers:
+            for connection in subscribers:
+                subscribers[connection] = _NO_ID

@@ -22,6 +22,7 @@ from safe_fast.client import (
     Unauthorized,
 )
 from safe_fast.client._state import ClientProtocol, PendingRequest
+from safe_fast.registry import InMemoryChannelRegistry
 from safe_fast.replay import InMemoryReplayStore, ReplayEntry
 from safe_fast.server import attach_realtime_server, create_id_based_function_resolver
 from safe_fast.sharedata import ShareData, ShareFunction
@@ -683,3 +684,63 @@ async def test_a_refusal_that_names_an_id_is_never_blamed_on_another(clients: An
         assert not c.is_detached and list(client.subscriptions) == ["C"]
     finally:
         await server.close()
+
+
+
+class LossyRegistry(InMemoryChannelRegistry):
+    """Loses the live frames of some transaction ids on their way to one connection.
+
+    As a Redis outage does for a node's remote subscribers: the transactions
+    are applied and recorded in the replay window, the frames never arrive.
+    """
+
+    def __init__(self, lose: set[str]) -> None:
+        super().__init__()
+        self.lose = lose
+        self.victim: Any = None
+
+    def broadcast(self, share_data_id: str, message: Any) -> None:
+        transaction_id = getattr(message, "transaction_id", None)
+        if transaction_id not in self.lose:
+            super().broadcast(share_data_id, message)
+            return
+        self.lose.discard(transaction_id)  # lost once: a replay gets it
+        for connection in self.subscribers(share_data_id):
+            if connection is not self.victim:
+                connection.send_message(message)
+
+
+@pytest.mark.parametrize("paced", [False, True], ids=["burst", "paced"])
+async def test_gap_detection_gives_the_application_every_transaction_once_in_order(clients: Any, paced: bool) -> None:
+    manager = make_manager("doc")
+    registry = LossyRegistry({"3", "4", "9", "15", "16", "17"})
+    async with await start_server(manager, registry=registry) as server:
+        lossy, control = RealtimeClient(server.url), RealtimeClient(server.url)
+        clients(lossy)
+        clients(control)
+        await lossy.connect()
+        await eventually(lambda: len(server.connections) == 1, what="the lossy client's connection")
+        registry.victim = server.connections[0]
+        await control.connect()
+        seen = {"lossy": channel_recorder(lossy.subscribe("doc"))}
+        seen["control"] = channel_recorder(control.subscribe("doc"))
+        await eventually(lambda: all(len(frames) == 1 for frames in seen.values()), what="state frames")
+
+        for i in range(1, 21):
+            await apply(manager, "doc", {"n": i})
+            if paced:
+                await asyncio.sleep(0.005)
+
+        def transactions(frames: list[Any]) -> list[str]:
+            return [f.transaction_id for f in frames if f.type == "transaction"]
+
+        for frames in seen.values():
+            await eventually(lambda: transactions(frames)[-1:] == ["20"], what="transaction 20")
+        # Both see every transaction once and in order; the lossy one thanks
+        # to the replays its gap detection asked for.
+        expected = [str(i) for i in range(1, 21)]
+        assert transactions(seen["lossy"]) == expected
+        assert transactions(seen["control"]) == expected
+        assert [f.type for f in seen["control"]].count("state") == 1
+        assert [f.type for f in seen["lossy"]].count("state") >= 2  # resubscribed at least once
+        assert registry.lose == set()  # every planned loss happened

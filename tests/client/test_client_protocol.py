@@ -275,6 +275,63 @@ def test_resubscribe_after_replay_keeps_newest_live_cursor() -> None:
     assert sub.last_transaction_id == "6"
 
 
+def test_a_live_frame_that_skips_ahead_resubscribes_from_the_cursor() -> None:
+    h = Harness()
+    h.open()
+    sub = h.core.subscribe("doc")
+    h.sent()
+    seen: list[Any] = []
+    for kind in ("state", "transaction", "lifecycle"):
+        sub.on(kind, seen.append)
+    h.feed(state("doc", "2"))
+    h.feed(transaction("doc", "3"))
+    h.feed(transaction("doc", "3"))  # a duplicate: dropped
+    h.feed(transaction("doc", "1"))  # older than the cursor: dropped
+    assert h.sent() == []
+    h.feed(transaction("doc", "6"))  # 4 and 5 were lost on the way
+    assert h.sent() == [{"v": 1, "type": "subscribe", "shareDataId": "doc", "since": "3"}]
+    assert sub.last_transaction_id == "3"
+    h.feed(transaction("doc", "7"))  # sent before the server took the resubscribe
+    h.feed(state("doc", "7"))
+    for tid in ("4", "5", "6", "7"):
+        h.feed(transaction("doc", tid, replayed=True))
+    h.feed(transaction("doc", "8"))
+    assert [(f.type, getattr(f, "transaction_id", None), getattr(f, "replayed", None)) for f in seen] == [
+        ("state", None, None),
+        ("transaction", "3", False),
+        ("state", None, None),
+        ("transaction", "4", True),
+        ("transaction", "5", True),
+        ("transaction", "6", True),
+        ("transaction", "7", True),
+        ("transaction", "8", False),
+    ]
+    assert sub.last_transaction_id == "8"
+    assert h.sent() == [] and h.errors() == []
+
+
+def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> None:
+    h = Harness()
+    h.open()
+    sub = h.core.subscribe("doc")
+    h.sent()
+    seen: list[Any] = []
+    sub.on("transaction", seen.append)
+    h.feed(state("doc", None))
+    h.feed(transaction("doc", "5"))  # no transaction before: nothing to compare with
+    h.feed(transaction("doc", "6"))
+    h.feed(lifecycle("doc", "updated", {"n": 0}))
+    h.feed(transaction("doc", "1"))  # a replaced ShareData counts from 1 again
+    h.feed(transaction("doc", "2"))
+    h.feed(transaction("doc", "x"))  # not a number: taken as it comes
+    h.feed(transaction("doc", "y"))
+    assert h.sent() == []
+    assert sub.last_transaction_id == "y"
+    h.feed(transaction("doc", "9"))
+    assert [f.transaction_id for f in seen] == ["5", "6", "1", "2", "x", "y", "9"]
+    assert h.sent() == [] and h.errors() == []
+
+
 def test_every_parsed_frame_reaches_message_listeners_typed() -> None:
     h = Harness()
     h.open()

@@ -28,6 +28,10 @@ class Core:
     def feed(self, message: dict[str, Any]) -> None:
         self.protocol.receive(json.dumps(message).encode(), 0.0)
 
+    def state(self, share_data_id: str) -> None:
+        """The server's answer to a subscribe: live frames come after it."""
+        self.feed({"v": 1, "type": "state", "shareDataId": share_data_id, "currentState": 0, "lastTransactionId": None})
+
     def live(self, share_data_id: str, tid: int) -> None:
         self.feed(
             {"v": 1, "type": "transaction", "shareDataId": share_data_id, "transactionId": str(tid), "accepted": True, "currentState": tid}
@@ -66,10 +70,11 @@ async def test_iterator_yields_listener_frames_in_order_and_ends_on_unsubscribe(
 async def test_buffered_frames_are_still_yielded_after_detach() -> None:
     core = Core()
     sub = core.protocol.subscribe("doc")
+    core.state("doc")
     for tid in range(1, 4):
         core.live("doc", tid)
     sub.unsubscribe()
-    assert [f.transaction_id for f in await collect(sub)] == ["1", "2", "3"]
+    assert [getattr(f, "transaction_id", f.type) for f in await collect(sub)] == ["state", "1", "2", "3"]
 
 
 async def test_frames_before_iteration_starts_are_kept() -> None:
@@ -86,10 +91,11 @@ async def test_removed_is_yielded_then_iteration_ends() -> None:
     core = Core()
     sub = core.protocol.subscribe("doc")
     task = asyncio.ensure_future(collect(sub))
+    core.state("doc")
     core.live("doc", 1)
     core.feed({"v": 1, "type": "lifecycle", "shareDataId": "doc", "event": "removed"})
     frames = await asyncio.wait_for(task, 5)
-    assert [f.type for f in frames] == ["transaction", "lifecycle"]
+    assert [f.type for f in frames] == ["state", "transaction", "lifecycle"]
     assert frames[-1].event == "removed"
 
 
@@ -121,6 +127,8 @@ async def test_overflow_while_iterating_raises_once_then_continues() -> None:
     heard: list[Any] = []
     sub.on("transaction", heard.append)
     iterator = sub.__aiter__()
+    core.state("doc")
+    assert (await iterator.__anext__()).type == "state"
     for tid in range(1, 4):
         core.live("doc", tid)  # fills the buffer
     assert sub._queued == 3 and core.errors == []
@@ -143,6 +151,7 @@ async def test_overflow_while_iterating_raises_once_then_continues() -> None:
 async def test_overflow_of_a_listener_only_handle_is_silent_and_bounded() -> None:
     core = Core(queue_size=10)
     sub = core.protocol.subscribe("doc")
+    core.state("doc")
     for tid in range(1, 101):
         core.live("doc", tid)
     assert core.errors == []  # nobody iterates: nothing to report
@@ -156,6 +165,8 @@ async def test_waiting_consumer_wakes_on_frames() -> None:
     core = Core()
     sub = core.protocol.subscribe("doc")
     iterator = sub.__aiter__()
+    core.state("doc")
+    assert (await iterator.__anext__()).type == "state"
     pending = asyncio.ensure_future(iterator.__anext__())
     await asyncio.sleep(0.01)
     assert not pending.done()

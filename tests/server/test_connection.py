@@ -518,7 +518,7 @@ async def test_a_transaction_during_a_slow_replay_read_comes_once_after_the_stat
     make_hub: Callable[..., ServerHub], manager: ShareDataManager
 ) -> None:
     store = GatedStore()
-    hub = make_hub(replay_store=store)
+    hub = make_hub(replay_store=store, replay_timeout=DEADLINE)  # the test opens the gate, not the bound
     await apply_transactions(manager, 3)
     await hub.writes_landed("doc")
     store.reads_open.clear()
@@ -547,7 +547,7 @@ async def test_a_replay_waits_for_the_store_writes_under_way(
     make_hub: Callable[..., ServerHub], manager: ShareDataManager
 ) -> None:
     store = GatedStore()
-    hub = make_hub(replay_store=store)
+    hub = make_hub(replay_store=store, replay_timeout=DEADLINE)  # the test opens the gate, not the bound
     store.writes_open.clear()
     await apply_transactions(manager, 3)  # three record() calls, all held
     peer = Peer(hub)

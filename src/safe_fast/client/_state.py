@@ -59,7 +59,13 @@ worth reading as a whole.
    (in send order): the server answers subscribes strictly in order and
    closes with 4003 at the first unknown id, so the culprit of a 4003 is the
    id named by the server's preceding ``unknown-share-data`` error frame, or
-   failing that, the *first* subscribe still awaiting its state.
+   failing that, the *first* subscribe still awaiting its state. A live
+   ``transaction`` frame that skips ahead of the cursor (gap detection, see
+   ``subscription.py``) is not delivered: the subscription is subscribed
+   again, on the same connection, with ``since`` = its cursor. Live frames
+   that arrive while a subscribe awaits its state are dropped: the server
+   sent them before it took the subscribe, so its state and replay hold
+   them.
 
 The connection machine
 ----------------------
@@ -153,7 +159,7 @@ from .errors import (
     SubscriptionRejected,
     Unauthorized,
 )
-from .subscription import Subscription
+from .subscription import DUPLICATE, GAP, Subscription
 
 __all__ = [
     "IDLE",
@@ -742,6 +748,18 @@ class ClientProtocol:
                 ),
             )
             return
+        if frame.type == "transaction" and not frame.replayed:  # type: ignore[union-attr]
+            if share_data_id in self._awaiting_state:
+                # Sent before the server took our resubscribe: its state and
+                # replay hold this one.
+                return
+            order = subscription._live_order(frame.transaction_id)  # type: ignore[union-attr]
+            if order == DUPLICATE:
+                return
+            if order == GAP:
+                # Frames were lost on the way: fetch them, in order, by replay.
+                self._send_subscribe(subscription)
+                return
         overflow = subscription._dispatch(frame)
         if overflow is not None:
             self._emit("error", overflow)

@@ -22,6 +22,16 @@ replayed ``transaction``               unchanged: history, not progress
 Replayed frames follow the ``state`` frame of a resubscribe, which already
 moved the cursor to the newest id, so they never need to move it.
 
+Gap detection (:meth:`Subscription._live_order`): transaction ids of one
+ShareData are consecutive decimal numbers, so a live ``transaction`` frame
+after cursor ``n`` should be ``n + 1``. One at or below the cursor is a
+duplicate (dropped); one above ``n + 1`` means frames were lost on the way
+(at-most-once fan-out across nodes): the client resubscribes with ``since``
+= the cursor instead of delivering it, and the replay brings the missing
+ones in order. Without a numeric cursor (no transaction yet, an id that is
+not a number) or right after ``lifecycle updated`` (a replaced ShareData may
+count again from 1), the next live frame is taken as it comes.
+
 The iterator buffer holds at most ``queue_size`` frames. A consumer that
 lets it fill up loses the buffered frames: the buffer is discarded, the
 frames that arrive until the consumer comes back are counted and dropped,
@@ -41,12 +51,21 @@ from .._events import EventEmitter, Listener
 from ..messages import LifecycleFrame, StateFrame, TransactionFrame
 from .errors import SubscriptionOverflow
 
-__all__ = ["Subscription", "ChannelFrame"]
+__all__ = ["Subscription", "ChannelFrame", "IN_ORDER", "DUPLICATE", "GAP"]
 
 ChannelFrame = Union[StateFrame, TransactionFrame, LifecycleFrame]
 """The frames a subscription receives."""
 
 _EVENTS = ("state", "transaction", "lifecycle")
+
+IN_ORDER, DUPLICATE, GAP = range(3)
+"""Where a live transaction frame stands against the cursor (see the module doc)."""
+
+
+def _sequence(transaction_id: Optional[str]) -> Optional[int]:
+    if transaction_id is not None and transaction_id.isdigit() and transaction_id.isascii():
+        return int(transaction_id)
+    return None
 
 
 class _Owner(Protocol):
@@ -70,6 +89,7 @@ class Subscription:
         "_owner",
         "_events",
         "_cursor",
+        "_renumbered",
         "_detached",
         "_queue",
         "_queue_size",
@@ -88,6 +108,7 @@ class Subscription:
         self._owner = owner
         self._events = EventEmitter()
         self._cursor: Optional[str] = None
+        self._renumbered = False
         self._detached = False
         self._queue: deque[ChannelFrame] = deque()
         self._queue_size = queue_size
@@ -169,6 +190,18 @@ class Subscription:
         """Frames waiting in the iterator's buffer (for tests and diagnostics)."""
         return len(self._queue)
 
+    def _live_order(self, transaction_id: str) -> int:
+        """:data:`IN_ORDER`, :data:`DUPLICATE` or :data:`GAP` for a live transaction with this id."""
+        if self._renumbered:
+            return IN_ORDER
+        last = _sequence(self._cursor)
+        current = _sequence(transaction_id)
+        if last is None or current is None:
+            return IN_ORDER
+        if current <= last:
+            return DUPLICATE
+        return GAP if current > last + 1 else IN_ORDER
+
     def _dispatch(self, frame: ChannelFrame) -> Optional[SubscriptionOverflow]:
         """Apply the cursor rules, call the listeners, buffer for the iterator.
 
@@ -181,11 +214,16 @@ class Subscription:
         kind = frame.type
         if kind == "state":
             self._cursor = frame.last_transaction_id  # type: ignore[union-attr]
+            self._renumbered = False
         elif kind == "transaction":
             if not frame.replayed:  # type: ignore[union-attr]
                 self._cursor = frame.transaction_id  # type: ignore[union-attr]
-        elif kind == "lifecycle" and frame.event == "removed":  # type: ignore[union-attr]
-            self._cursor = None
+                self._renumbered = False
+        elif kind == "lifecycle":
+            if frame.event == "removed":  # type: ignore[union-attr]
+                self._cursor = None
+            else:
+                self._renumbered = True
         self._events.emit(kind, frame)
         return self._buffer(frame)
 

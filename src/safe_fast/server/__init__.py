@@ -4,6 +4,7 @@ from .connection import (
     ConnectionClosedEvent,
     ConnectionOpenedEvent,
     ConnectionOverflowEvent,
+    ReplayTimeoutEvent,
     ReplayWriteFailedEvent,
     ServerConnection,
     ServerHub,
@@ -22,6 +23,7 @@ __all__ = [
     "ConnectionClosedEvent",
     "ConnectionOverflowEvent",
     "ReplayWriteFailedEvent",
+    "ReplayTimeoutEvent",
     "create_id_based_function_resolver",
     "use_uvloop",
 ]

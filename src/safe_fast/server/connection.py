@@ -89,6 +89,8 @@ __all__ = [
     "ConnectionClosedEvent",
     "ConnectionOverflowEvent",
     "ReplayWriteFailedEvent",
+    "ReplayTimeoutEvent",
+    "DEFAULT_REPLAY_TIMEOUT",
     "CLOSE_GOING_AWAY",
     "CLOSE_INVALID_TEXT",
     "CLOSE_POLICY_VIOLATION",
@@ -111,6 +113,9 @@ MAX_PENDING_MESSAGES = 1024
 Reading resumes once half of them are handled: a client that sends faster
 than its hooks answer is slowed down by TCP, never closed, and every message
 is answered in order."""
+
+DEFAULT_REPLAY_TIMEOUT = 0.25
+"""Seconds a ``subscribe`` with ``since`` waits for the replay store before it resyncs the client."""
 
 
 # -- observability events ----------------------------------------------------------
@@ -143,6 +148,16 @@ class ReplayWriteFailedEvent:
     share_data_id: str
     operation: str
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTimeoutEvent:
+    """A ``subscribe`` with ``since`` gave up waiting for the replay store."""
+
+    connection_id: str
+    share_data_id: str
+    since: str
+    timeout: float
 
 
 def _with_rendered_state(message: Any, share_data_id: str, error: EncodeError) -> Any:
@@ -186,6 +201,7 @@ class ServerHub:
         authorize_propose: Optional[Callable[..., Any]] = None,
         max_buffered_bytes: int = 1024 * 1024,
         close_timeout: float = 5.0,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         events: Optional[EventEmitter] = None,
     ) -> None:
         self.manager = manager
@@ -197,6 +213,7 @@ class ServerHub:
         self.authorize_propose = authorize_propose
         self.max_buffered_bytes = max_buffered_bytes
         self.close_timeout = close_timeout
+        self.replay_timeout = replay_timeout
         self.events = events if events is not None else EventEmitter()
         self.connections: dict[str, ServerConnection] = {}
         self._attached = False
@@ -335,12 +352,49 @@ class ServerHub:
             task.add_done_callback(done)
 
     async def writes_landed(self, share_data_id: str) -> None:
-        """Return once every replay-store write issued so far for ``share_data_id`` has finished."""
+        """Return once every replay-store write issued so far for ``share_data_id`` has finished.
+
+        Failures are reported by the writes themselves (``replay:write-failed``);
+        the caller bounds the wait (see :meth:`replay_after`).
+        """
         pending = self._pending_writes.get(share_data_id)
         if pending:
-            # Failures are reported by the writes themselves (replay:write-failed);
-            # a write that hangs delays the replay by at most this bound.
-            await asyncio.wait(list(pending), timeout=_PENDING_WRITES_WAIT)
+            await asyncio.wait(list(pending))
+
+    async def replay_after(self, connection_id: str, share_data_id: str, since: str) -> Optional[list[ReplayEntry]]:
+        """The replay window after ``since``: None when not found, failed, or not read in time.
+
+        The writes under way for the id land first, so a client resuming from
+        the id it just received finds it. Both waits together are bounded by
+        ``replay_timeout``: a store that does not answer (Redis away) must not
+        hold the ``state`` frame back; past the bound the client is resynced
+        from the snapshot and ``replay:timeout`` is emitted.
+        """
+        try:
+            if share_data_id not in self._pending_writes:
+                found = self.replay_store.entries_since(share_data_id, since)
+                if not inspect.isawaitable(found):
+                    return None if found is None else list(found)  # a synchronous store: no wait at all
+                found = await asyncio.wait_for(found, self.replay_timeout)
+            else:
+                found = await asyncio.wait_for(self._landed_then_read(share_data_id, since), self.replay_timeout)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "replay store did not answer within %gs for %r since=%r; resyncing the client",
+                self.replay_timeout, share_data_id, since,
+            )  # fmt: skip
+            self.events.emit(
+                "replay:timeout", ReplayTimeoutEvent(connection_id, share_data_id, since, self.replay_timeout)
+            )
+            return None
+        except Exception as exc:
+            logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            return None
+        return None if found is None else list(found)
+
+    async def _landed_then_read(self, share_data_id: str, since: str) -> Any:
+        await self.writes_landed(share_data_id)
+        return await _resolve(self.replay_store.entries_since(share_data_id, since))
 
     def _replay_failed(self, share_data_id: str, operation: str, error: BaseException) -> None:
         logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
@@ -357,9 +411,6 @@ class ServerHub:
                 else logger.error("%s failed", what, exc_info=t.exception())
             )
 
-
-_PENDING_WRITES_WAIT = 5.0
-"""Seconds a replay waits for the replay-store writes under way for its id."""
 
 REMOTE_REMOVAL_GRACE = 2.0
 """Seconds this node's subscribers of an id another node removed stay
@@ -392,6 +443,26 @@ _AUTHENTICATING, _OPEN, _CLOSING, _CLOSED = range(4)
 
 class ServerConnection(core.Outbox):
     """One client connection: protocol decisions plus its coalescing outbox."""
+
+    # One per client for its whole life: slots instead of a __dict__ (~0.3 KiB
+    # less per idle connection). An attribute a method sets must be listed here.
+    __slots__ = (
+        "hub",
+        "control",
+        "id",
+        "context",
+        "subscriptions",
+        "awaiting_pong",
+        "close_code",
+        "close_reason",
+        "_state",
+        "_announced",
+        "_inbox",
+        "_worker",
+        "_timers",
+        "_reading_paused",
+        "_held_ping",
+    )
 
     def __init__(
         self,
@@ -674,12 +745,7 @@ class ServerConnection(core.Outbox):
             # The window is read before registering: once registered, live
             # frames flow, and they must come after the replay, never before
             # it or twice.
-            await hub.writes_landed(share_data_id)
-            try:
-                found = await _resolve(hub.replay_store.entries_since(share_data_id, since))
-                entries = None if found is None else list(found)
-            except Exception as exc:
-                logger.warning("replay store entries_since failed for %r: %r", share_data_id, exc)
+            entries = await hub.replay_after(self.id, share_data_id, since)
             if self._state != _OPEN:
                 return
         # Read the ShareData again: the awaits above may have let it change.

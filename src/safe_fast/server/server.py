@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import picows
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
@@ -32,10 +32,12 @@ from .connection import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
 )
 from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
+from .listen import AcceptFailureLog, resolve_backlog
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -63,6 +65,10 @@ this protocol send small messages, so the 16 KiB default mostly sits idle."""
 # ``picows.safe_fast.server.picows``, only without the per-connection ".<fd>".
 _PICOWS_LOGGER = logging.LoggerAdapter(logging.getLogger("picows.safe_fast.server.picows"), {})
 
+# What picows' upgrade request and 101 response keep as headers once the
+# handshake is over (see ``_Listener.on_ws_connected``): one shared empty view.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
 
 def use_uvloop() -> bool:
     """Install uvloop's event loop policy when it is available; True if it was."""
@@ -79,10 +85,10 @@ def _close_code(value: Any) -> int:
 
 
 class _Listener(picows.WSListener):  # type: ignore[misc]
-    """Feeds one picows connection into a :class:`ServerConnection`."""
+    """Feeds one picows connection into a :class:`ServerConnection`, and is its control seam."""
 
     # One per connection for its whole life: slots instead of a __dict__.
-    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary")
+    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary", "transport")
 
     def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any) -> None:
         super().__init__()
@@ -92,12 +98,23 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.connection: Optional[ServerConnection] = None
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
+        self.transport: Optional[picows.WSTransport] = None
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
+        self.transport = transport
+        # picows keeps the upgrade request and the 101 response, headers and
+        # all, for the connection's life (~2 KiB with a browser's headers).
+        # Both are done with: the response is sent, and ``authenticate`` got
+        # the request headers in an UpgradeRequest of its own.
+        request, response = transport.request, transport.response
+        if request is not None:
+            request.headers, request.path = _NO_HEADERS, b""
+        if response is not None:
+            response.headers = _NO_HEADERS
         connection = ServerConnection(
             server._hub,
-            _Control(transport),
+            self,
             transport.underlying_transport,
             context=self.context,
             authenticating=self.pending_auth is not None,
@@ -194,14 +211,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             connection.disconnected(CLOSE_ABNORMAL, "")
 
-
-class _Control:
-    """The control seam of :class:`ServerConnection` over a picows transport."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: picows.WSTransport) -> None:
-        self.transport = transport
+    # the control seam of ServerConnection
 
     def send_close(self, code: int, reason: bytes) -> None:
         self.transport.send_close(code, reason)
@@ -245,6 +255,8 @@ class RealtimeServer:
         close_on_token_expiry: bool,
         close_timeout: float,
         ssl: Optional[ssl_module.SSLContext] = None,
+        backlog: int,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
     ) -> None:
         self.manager = manager
         self.ssl = ssl
@@ -255,6 +267,7 @@ class RealtimeServer:
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
+        self.backlog = backlog
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
         self._hub = ServerHub(
@@ -267,6 +280,7 @@ class RealtimeServer:
             authorize_propose=authorize_propose,
             max_buffered_bytes=max_buffered_bytes,
             close_timeout=close_timeout,
+            replay_timeout=replay_timeout,
             events=self._events,
         )
         self._server: Optional[asyncio.AbstractServer] = None
@@ -275,6 +289,7 @@ class RealtimeServer:
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
         self._http_routes: dict[str, HttpHandler] = {}
+        self._accept_failures = AcceptFailureLog(logger, self._loop, lambda: len(self._hub.connections))
         self.host = ""
         self.port = 0
 
@@ -292,7 +307,7 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed``."""
+        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed|timeout``."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -330,6 +345,7 @@ class RealtimeServer:
                 self._heartbeat.cancel()
             if self._server is not None:
                 self._server.close()
+            self._accept_failures.close()
             for connection in self.connections:
                 connection.close(CLOSE_GOING_AWAY, "server shutting down")
             self._hub.flusher.flush_all()
@@ -378,16 +394,24 @@ class RealtimeServer:
             # TLS on the listener itself (wss://); the core then writes through
             # the TLS transport, never straight to the socket.
             ssl=self.ssl,
+            # Reaches listen() on both paths: the loop listens on a given
+            # socket too (uvloop with its own 100 unless told otherwise).
+            backlog=self.backlog,
             **kwargs,
         )
-        bound = self._server.sockets[0].getsockname()
+        listening = self._server.sockets[0]
+        bound = listening.getsockname()
         self.host, self.port = bound[0], bound[1]
+        self._accept_failures.watch(listening.fileno())
         self._hub.attach()
         if self.heartbeat_interval:
             self._heartbeat = self._loop.call_later(self.heartbeat_interval, self._beat)
 
     def _route(self, request: picows.WSUpgradeRequest) -> Any:
         """picows' listener factory: decides the upgrade synchronously."""
+        # Every request first checks there is room for the next connection:
+        # uvloop drops connections it cannot accept without a word.
+        self._accept_failures.check_descriptors()
         if self._closed:
             return picows.WSUpgradeResponseWithListener(
                 picows.WSUpgradeResponse.create_error_response(HTTPStatus.SERVICE_UNAVAILABLE), None
@@ -509,6 +533,8 @@ async def attach_realtime_server(
     close_on_token_expiry: bool = True,
     close_timeout: float = 5.0,
     ssl: Optional[ssl_module.SSLContext] = None,
+    backlog: Optional[int] = None,
+    replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -522,8 +548,12 @@ async def attach_realtime_server(
     that time. ``close_timeout`` bounds how long a closing connection may take
     to answer the close handshake before it is dropped. ``ssl``, a server-side
     :class:`ssl.SSLContext`, serves ``wss://`` on the listener itself (without
-    it, put TLS in front, at a proxy). Without ``replay_store``, a manager
-    with a store answers ``since`` from its stored history (the newest
+    it, put TLS in front, at a proxy). ``backlog`` is the listen backlog
+    (connections the kernel queues until they are accepted); None takes the
+    system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
+    with ``since`` waits for the replay store before it answers ``state`` and
+    ``replay-cursor-not-found``. Without ``replay_store``, a manager with a
+    store answers ``since`` from its stored history (the newest
     ``replay_buffer_size`` records), any other from an in-memory window of
     that size.
     """
@@ -538,6 +568,9 @@ async def attach_realtime_server(
         raise ValueError("heartbeat_interval must be a positive number of seconds or None")
     if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
         raise TypeError(f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}")
+    backlog = resolve_backlog(backlog)
+    if isinstance(replay_timeout, bool) or not isinstance(replay_timeout, (int, float)) or not replay_timeout > 0:
+        raise ValueError("replay_timeout must be a positive number of seconds")
     server = RealtimeServer(
         manager=manager,
         authenticate=authenticate,
@@ -553,6 +586,8 @@ async def attach_realtime_server(
         close_on_token_expiry=close_on_token_expiry,
         close_timeout=close_timeout,
         ssl=ssl,
+        backlog=backlog,
+        replay_timeout=replay_timeout,
     )
     await server._start(host, port, sock)
     return server
