@@ -2,8 +2,9 @@
 
 300 proposals sent concurrently through each node to one id: the ids are
 exactly 1..600, every subscriber (a RealtimeClient) on both nodes receives
-those 600 transactions once each and in the same order, and both nodes end
-on the same state; a snapshot on one node holds what the other just acknowledged; a
+those 600 transactions once each, in order (1..600: the registry drops what
+is out of order and the client's gap detection fetches it by replay), and
+both nodes end on the same state; a snapshot on one node holds what the other just acknowledged; a
 removal on one node reaches the other node's subscribers and manager.
 """
 
@@ -130,6 +131,7 @@ async def test_two_nodes_one_sequence_one_order(tmp_path: Path) -> None:
             for sequence in sequences:
                 assert sorted(map(int, sequence)) == list(range(1, 2 * PER_NODE + 1)), "a transaction missing or twice"
                 assert sequence == sequences[0], "subscribers saw different orders"
+                assert [int(x) for x in sequence] == list(range(1, 2 * PER_NODE + 1)), "not in numeric order"
             by_id = {frame.transaction_id: frame.current_state for frame in received[0]}
             final_state = by_id[str(2 * PER_NODE)]
             assert final_state is not None
