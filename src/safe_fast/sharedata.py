@@ -19,9 +19,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._events import EventEmitter, Listener
+
+if TYPE_CHECKING:
+    from .store import ShareDataStore
 
 __all__ = [
     "GENESIS_HASH",
@@ -309,7 +312,7 @@ class ShareDataManager:
 
     __slots__ = ("_share_data", "_locks", "_emitter", "_replica")
 
-    def __init__(self, store: Any = None) -> None:
+    def __init__(self, store: ShareDataStore | None = None) -> None:
         self._share_data: dict[str, ShareData] = {}
         self._locks: dict[str, _LockEntry] = {}
         # In order: a listener reacting to one change with another (e.g.
@@ -326,7 +329,7 @@ class ShareDataManager:
             self._replica = StoreReplica(store, self)
 
     @property
-    def store(self) -> Any:
+    def store(self) -> ShareDataStore | None:
         """The :class:`~safe_fast.store.ShareDataStore` behind this manager, or None."""
         return None if self._replica is None else self._replica.store
 

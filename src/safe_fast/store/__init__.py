@@ -28,15 +28,9 @@ Implementations: :class:`MemoryStore` (``memory://``), :class:`SQLiteStore`
 
 from __future__ import annotations
 
-from typing import (
-    Any,
-    AsyncContextManager,
-    Callable,
-    Optional,
-    Protocol,
-    runtime_checkable,
-)
+from typing import Any, AsyncContextManager, Optional, Protocol, runtime_checkable
 
+from ._base import ChangeListener
 from ._codec import SCHEMA_VERSION, StoredShareData
 from .errors import CorruptShareData, SchemaVersionError, StoreError, StoreUnavailable
 
@@ -53,9 +47,6 @@ __all__ = [
     "open_store",
     "SCHEMA_VERSION",
 ]
-
-ChangeListener = Callable[[str], Any]
-
 
 @runtime_checkable
 class ShareDataStore(Protocol):
@@ -103,8 +94,9 @@ class ShareDataStore(Protocol):
 
         Returns None once committed (durably). Returns the store's changes
         after ``int(record.transaction_id) - 1`` when the history moved on
-        (nothing is recorded then). Raises :class:`StoreError` when the
-        outcome could not be decided.
+        (nothing is recorded then). Raises :exc:`KeyError` when the id is
+        gone, :exc:`ValueError` for data the store cannot keep (nothing
+        sent), :class:`StoreError` when the outcome could not be decided.
         """
 
     def hold(self, share_data_id: str) -> AsyncContextManager["ShareDataStore"]:
@@ -123,7 +115,8 @@ class ShareDataStore(Protocol):
         """Delete the id and its history; whether there was one."""
 
     def watch(self, listener: ChangeListener) -> None:
-        """Call ``listener(share_data_id)`` when another writer replaced or removed an id."""
+        """Call ``listener(share_data_id)`` when another writer replaced or removed
+        an id, ``listener(None)`` when such news may have been missed."""
 
     def unwatch(self, listener: ChangeListener) -> None: ...
 
