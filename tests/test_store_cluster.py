@@ -120,7 +120,7 @@ async def test_two_nodes_one_sequence_one_order(tmp_path: Path) -> None:
                 )
             )
             results = [result for batch in batches for result in batch]
-            assert all(result["accepted"] for result in results), [r for r in results if not r["accepted"]][:3]
+            assert all(result["accepted"] for result in results), [r.get("error") for r in results if not r["accepted"]][:3]
             assert sorted(int(result["transactionId"]) for result in results) == list(range(1, 2 * PER_NODE + 1))
 
             deadline = time.monotonic() + 60

@@ -179,27 +179,32 @@ class StoreReplica:
             self._replaced_elsewhere(share_data, changes)
             return
         history = share_data.transaction_history
-        records = changes.records
         have = len(history)
-        # Records the cache already holds (brought by a commit of ours): they must be the same.
-        overlap = records[: max(0, have - changes.after)]
-        for record in overlap:
-            if history[int(record.transaction_id) - 1].hash != record.hash:
-                self._distrust(share_data_id, CorruptShareData(share_data_id, "the store's history differs from the cached one"))
-                return
-        fresh = records[len(overlap) :]
         if changes.after > have:
             self._stale.add(share_data_id)  # a tail that does not reach the cache: read again
             return
+        # Records the cache already holds (a commit of ours brought them): they must be the same.
+        overlap = changes.records[: have - changes.after]
+        for record in overlap:
+            if history[int(record.transaction_id) - 1].hash != record.hash:
+                self._distrust(
+                    share_data_id, CorruptShareData(share_data_id, "the store's history differs from the one committed")
+                )
+                return
+        if changes.last_id == have and changes.head_hash != share_data._head_hash:
+            self._distrust(share_data_id, CorruptShareData(share_data_id, "the stored head hash is not the committed one"))
+            return
+        if changes.last_id <= have:
+            return  # read before commits this cache already holds: nothing newer in it
+        fresh = changes.records[len(overlap) :]
         try:
-            verify_tail(share_data_id, fresh, have, share_data._head_hash, changes.head_hash if fresh else share_data._head_hash)
+            verify_tail(share_data_id, fresh, have, share_data._head_hash, changes.head_hash)
         except CorruptShareData as exc:
             self._distrust(share_data_id, exc)
             return
         for record in fresh:
             share_data._append_record(record)
-        if changes.last_id == len(history):
-            share_data.current_state = changes.current_state
+        share_data.current_state = changes.current_state
 
     def _replaced_elsewhere(self, old: ShareData, stored: StoredShareData) -> None:
         replacement = ShareData(old.id, stored.public_key, current_state=stored.current_state, functions=old.functions)
