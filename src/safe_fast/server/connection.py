@@ -306,13 +306,14 @@ class ServerHub:
     async def refresh(self, share_data_id: str) -> None:
         """Read ``share_data_id`` through from the manager's store (no-op without one).
 
-        A store that cannot answer leaves the cached copy in use (logged):
-        a snapshot that may lag behind other nodes beats no snapshot.
+        A store that cannot answer within ``READ_THROUGH_TIMEOUT`` leaves the
+        cached copy in use (logged): a snapshot that may lag behind other
+        nodes beats a subscribe held up by a database that is away.
         """
         if self._refresh is None:
             return
         try:
-            await self._refresh(share_data_id)
+            await asyncio.wait_for(self._refresh(share_data_id), READ_THROUGH_TIMEOUT)
         except Exception as exc:
             logger.warning("reading %r from the store failed; answering from the cached copy: %r", share_data_id, exc)
 
@@ -411,6 +412,9 @@ class ServerHub:
                 else logger.error("%s failed", what, exc_info=t.exception())
             )
 
+
+READ_THROUGH_TIMEOUT = 2.0
+"""Seconds a subscribe waits for the store's copy of the id before it answers from the cache."""
 
 REMOTE_REMOVAL_GRACE = 2.0
 """Seconds this node's subscribers of an id another node removed stay
