@@ -8,6 +8,10 @@
   ``manager`` fixture, an ``authenticate`` that admits everybody and the
   id-based resolver on that manager; keyword arguments override any of them.
   Every server it started is closed at teardown.
+* ``start_server``: ``await start_server(manager, **options)`` starts
+  :func:`attach_realtime_server` on 127.0.0.1 for the robustness tests: an
+  ``authenticate`` that admits everybody, no heartbeat, a 1 s close timeout
+  unless the options say otherwise; every server it started is closed.
 * ``raw_clients``: ``await raw_clients(port, **options)`` opens a
   :class:`RawClient` (options as :meth:`RawClient.open`; its waits are bound
   by the test module's ``DEADLINE`` if it has one); every one still open is
@@ -17,7 +21,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -72,3 +76,24 @@ async def raw_clients(request: pytest.FixtureRequest) -> AsyncIterator[RawClient
         if client.transport is not None and not client.transport.is_closing():
             client.transport.abort()
     await asyncio.sleep(0)  # let the aborted transports call connection_lost
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[..., Awaitable[RealtimeServer]]]:
+    """``await start_server(manager, **options)``; every server is closed afterwards."""
+    started: list[RealtimeServer] = []
+
+    async def start(manager: ShareDataManager, **options: Any) -> RealtimeServer:
+        options.setdefault("authenticate", lambda request: {"subject": "tester"})
+        options.setdefault("heartbeat_interval", None)
+        options.setdefault("close_timeout", 1.0)
+        if "sock" not in options:
+            options.setdefault("host", "127.0.0.1")
+            options.setdefault("port", 0)
+        server = await attach_realtime_server(manager=manager, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await asyncio.wait_for(server.close(), 15)

@@ -15,30 +15,13 @@ from typing import Any
 
 import pytest
 
-from safe_fast import ShareData, ShareDataManager, ShareFunction, attach_realtime_server, create_id_based_function_resolver
+from safe_fast import ShareData, ShareDataManager, ShareFunction, create_id_based_function_resolver
 from server_helpers import OP_CLOSE, OP_PING, OP_TEXT, RawClient, RawClientFactory, client_frame, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 DEADLINE = 10.0
 """Upper bound for each wait in this module, the ``raw_clients``' included; reaching it fails the test."""
-
-
-@pytest.fixture
-async def start_server() -> Any:
-    started: list[Any] = []
-
-    async def start(manager: ShareDataManager, **options: Any) -> Any:
-        options.setdefault("authenticate", lambda request: {"subject": "tester"})
-        options.setdefault("heartbeat_interval", None)
-        options.setdefault("close_timeout", 1.0)
-        server = await attach_realtime_server(manager=manager, host="127.0.0.1", port=0, **options)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await asyncio.wait_for(server.close(), 15)
 
 
 def frames_until_close(client: RawClient) -> tuple[list[Any], bool]:
@@ -56,6 +39,19 @@ def frames_until_close(client: RawClient) -> tuple[list[Any], bool]:
         elif opcode == OP_TEXT:
             before.append(json.loads(payload))
     return before, after
+
+
+async def subscribes_in_one_write_answered_in_order(client: RawClient, count: int) -> None:
+    """Subscribe to ``d0`` … ``d<count-1>`` in one write; every ``state`` must come, in order."""
+    client.send_raw(
+        b"".join(
+            client_frame(OP_TEXT, json.dumps({"v": 1, "type": "subscribe", "shareDataId": f"d{i}"}).encode())
+            for i in range(count)
+        )
+    )
+    for i in range(count):
+        opcode, message = await client.recv_message()
+        assert opcode == OP_TEXT and message["type"] == "state" and message["shareDataId"] == f"d{i}", message
 
 
 # -- bursts larger than the cap -----------------------------------------------------------------
@@ -216,15 +212,7 @@ async def test_thousands_of_subscribes_in_one_write_are_all_answered(
     # the burst below can arrive in a single socket read.
     big_ping = {"v": 1, "type": "ping", "correlationId": "big", "pad": "x" * 512 * 1024}
     assert (await client.request(big_ping))["type"] == "pong"
-    client.send_raw(
-        b"".join(
-            client_frame(OP_TEXT, json.dumps({"v": 1, "type": "subscribe", "shareDataId": f"d{i}"}).encode())
-            for i in range(count)
-        )
-    )
-    for i in range(count):
-        opcode, message = await client.recv_message()
-        assert opcode == OP_TEXT and message["type"] == "state" and message["shareDataId"] == f"d{i}", message
+    await subscribes_in_one_write_answered_in_order(client, count)
     (connection,) = server.connections
     assert len(connection.subscriptions) == count
 
@@ -308,12 +296,4 @@ async def test_a_pipelined_burst_behind_an_async_hook_is_answered_in_order(
         manager.add_share_data(ShareData(f"d{i}", current_state=i))
     server = await start_server(manager, authorize_subscribe=authorize)
     client = await raw_clients(server.port)
-    client.send_raw(
-        b"".join(
-            client_frame(OP_TEXT, json.dumps({"v": 1, "type": "subscribe", "shareDataId": f"d{i}"}).encode())
-            for i in range(count)
-        )
-    )
-    for i in range(count):
-        opcode, message = await client.recv_message()
-        assert opcode == OP_TEXT and message["type"] == "state" and message["shareDataId"] == f"d{i}", message
+    await subscribes_in_one_write_answered_in_order(client, count)

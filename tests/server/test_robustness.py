@@ -20,7 +20,6 @@ import random
 import re
 import socket
 import struct
-import sys
 from typing import Any, Awaitable, Callable, Optional
 
 import pytest
@@ -30,7 +29,6 @@ from safe_fast import (
     ShareData,
     ShareDataManager,
     ShareFunction,
-    attach_realtime_server,
     create_id_based_function_resolver,
 )
 from safe_fast.sharedata import MAX_NESTING
@@ -90,27 +88,6 @@ def safe_fast_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.name.startswith("safe_fast") and r.levelno >= logging.ERROR
     ]
-
-
-@pytest.fixture
-async def start_server() -> Any:
-    """``await start_server(manager, **options)``; every server is closed afterwards."""
-    started: list[Any] = []
-
-    async def start(manager: ShareDataManager, **options: Any) -> Any:
-        options.setdefault("authenticate", lambda request: {"subject": "tester"})
-        options.setdefault("heartbeat_interval", None)
-        options.setdefault("close_timeout", 1.0)
-        if "sock" not in options:
-            options.setdefault("host", "127.0.0.1")
-            options.setdefault("port", 0)
-        server = await attach_realtime_server(manager=manager, **options)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await asyncio.wait_for(server.close(), 15)
 
 
 async def connection_id_of(server: Any, connect: Callable[[], Awaitable[Any]]) -> tuple[Any, str]:
