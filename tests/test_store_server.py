@@ -294,3 +294,35 @@ async def test_a_history_corrupted_under_a_running_server_is_refused_not_served(
             assert result["accepted"] is False and "not found" in result["error"]
     finally:
         await node.stop()
+
+
+async def test_the_replay_window_is_the_newest_records_of_the_stored_history(tmp_path: Path) -> None:
+    from safe_fast import HistoryReplayStore
+
+    async with open_store(store_url_for("sqlite", tmp_path)) as store:
+        manager = ShareDataManager(store=store)
+        await manager.register(ShareData("doc", current_state={"v": 0}, functions=[PUT]))
+        for n in range(1, 8):
+            await manager.apply_transaction("doc", {"v": n}, PUT)
+        window = HistoryReplayStore(manager, max_entries_per_share_data=3)
+        assert [e.transaction_id for e in window.entries_since("doc", "5")] == ["6", "7"]
+        assert window.entries_since("doc", "7") == []
+        for cursor in ("4", "8", "0", "05", "x", ""):
+            assert window.entries_since("doc", cursor) is None, cursor
+        assert window.entries_since("other", "5") is None
+        server = await attach_realtime_server(
+            manager=manager,
+            authenticate=lambda request: {"subject": "test"},
+            replay_buffer_size=3,
+            heartbeat_interval=None,
+        )
+        try:
+            async with ws_connect(server.url, open_timeout=DEADLINE) as ws:
+                assert (await subscribe(ws, since="3"))["lastTransactionId"] == "7"
+                error = await recv(ws)
+                assert (error["type"], error["code"]) == ("error", "replay-cursor-not-found")
+                assert (await subscribe(ws, since="5"))["lastTransactionId"] == "7"
+                assert [(await recv(ws))["transactionId"] for _ in range(2)] == ["6", "7"]
+        finally:
+            await server.close()
+            manager.close()
