@@ -28,9 +28,10 @@ test-compiled: venv
 test-pure: venv
 	SAFE_FAST_PURE_PYTHON=1 $(PY) -m pytest -q
 
-## The main job: a loopback demo server on the in-memory default.
+## The main job: a demo server to watch in a browser (the inspector), on the in-memory default.
+## Serves until Ctrl-C; DEMO_SECONDS=N stops it after N seconds.
 demo: venv
-	$(PY) -m safe_fast.examples.loopback_demo
+	$(PY) -m safe_fast.examples.demo
 
 ## Micro benchmarks (pytest-benchmark), both cores.
 bench: venv

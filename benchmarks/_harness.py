@@ -244,6 +244,10 @@ class SafeFastServer(BenchServer):
             max_buffered_bytes=self.max_buffered_bytes,
         )
         self.info = safe_fast.core_backend()
+        if os.environ.get("BENCH_SAFE_FAST_METRICS") == "1":
+            from safe_fast.metrics import ServerMetrics
+
+            ServerMetrics().install(self.server)
         candidate = os.environ.get("BENCH_SAFE_FAST_SRC")
         if candidate and not Path(safe_fast.__file__).resolve().is_relative_to(Path(candidate).resolve()):
             raise RuntimeError(f"candidate {candidate} not imported: safe_fast is {safe_fast.__file__}")

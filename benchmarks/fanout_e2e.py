@@ -83,6 +83,12 @@ EXTRA_SERVERS = [
         "cython",
     ),
     ServerSpec(
+        "safe_fast compiled, metrics",
+        "safe_fast",
+        {"SAFE_FAST_PURE_PYTHON": None, "SAFE_FAST_REQUIRE_COMPILED": "1", "BENCH_SAFE_FAST_METRICS": "1"},
+        "cython",
+    ),
+    ServerSpec(
         "safe_fast pure, aiofastnet transport",
         "safe_fast",
         {"SAFE_FAST_PURE_PYTHON": "1", "SAFE_FAST_REQUIRE_COMPILED": None, "BENCH_PICOWS_AIOFASTNET": "1"},
@@ -99,6 +105,7 @@ SHORT = {
     "raw uvloop per-frame": "raw-naive",
     "safe_fast compiled, aiofastnet transport": "compiled-aiofastnet",
     "safe_fast pure, aiofastnet transport": "pure-aiofastnet",
+    "safe_fast compiled, metrics": "compiled-metrics",
 }
 
 

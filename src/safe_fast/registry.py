@@ -8,16 +8,23 @@ event-loop iteration into one write).
 Connections handed to a registry are :class:`safe_fast.server.ServerConnection`
 objects: ``send_frame(frame_bytes)`` queues an encoded frame,
 ``send_message(message)`` encodes and queues one message.
+
+The built-in registries call ``fanout_observer(deliveries, frame_bytes)``,
+when one is set, once per fan-out (never per subscriber): the metrics count
+deliveries through it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Protocol, Union, runtime_checkable
+from typing import Any, Awaitable, Callable, Optional, Protocol, Union, runtime_checkable
 
 from ._backend import core
 from .messages import ServerMessage, encode_message
 
-__all__ = ["ChannelRegistry", "InMemoryChannelRegistry", "encode_broadcast_frame"]
+__all__ = ["ChannelRegistry", "InMemoryChannelRegistry", "FanoutObserver", "encode_broadcast_frame"]
+
+FanoutObserver = Callable[[int, int], None]
+"""Called once per fan-out with the subscribers that took the frame and the frame's size."""
 
 
 def encode_broadcast_frame(message: ServerMessage | dict[str, Any]) -> bytes:
@@ -50,6 +57,7 @@ class InMemoryChannelRegistry:
         # An insertion-ordered dict per channel: O(1) add/remove, and frames
         # go out to subscribers in the order they subscribed.
         self._channels: dict[str, dict[Any, None]] = {}
+        self.fanout_observer: Optional[FanoutObserver] = None
 
     def subscribe(self, share_data_id: str, connection: Any) -> None:
         self._channels.setdefault(share_data_id, {})[connection] = None
@@ -64,13 +72,18 @@ class InMemoryChannelRegistry:
     def broadcast(self, share_data_id: str, message: Any) -> None:
         subscribers = self._channels.get(share_data_id)
         if subscribers:
-            core.fanout(encode_broadcast_frame(message), subscribers)
+            frame = encode_broadcast_frame(message)
+            delivered = core.fanout(frame, subscribers)
+            if self.fanout_observer is not None:
+                self.fanout_observer(delivered, len(frame))
 
     def broadcast_frame(self, share_data_id: str, frame: bytes) -> None:
         """Fan out an already-encoded frame."""
         subscribers = self._channels.get(share_data_id)
         if subscribers:
-            core.fanout(frame, subscribers)
+            delivered = core.fanout(frame, subscribers)
+            if self.fanout_observer is not None:
+                self.fanout_observer(delivered, len(frame))
 
     def remove_connection(self, connection: Any) -> None:
         for share_data_id in [i for i, subs in self._channels.items() if connection in subs]:

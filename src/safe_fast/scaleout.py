@@ -440,6 +440,8 @@ class RedisChannelRegistry:
         self._confirmations: dict[tuple[int, str], list[asyncio.Future[None]]] = {}
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
+        # Called once per local fan-out (see registry.FanoutObserver).
+        self.fanout_observer: Optional[Callable[[int, int], None]] = None
 
     # -- the ChannelRegistry API (synchronous) --------------------------------------
 
@@ -923,13 +925,14 @@ class RedisChannelRegistry:
                 return True
         return False
 
-    @staticmethod
-    def _fan_out(delivery: _Delivery, subscribers: dict[Any, int], frame: bytes, sequence: Optional[int]) -> None:
+    def _fan_out(self, delivery: _Delivery, subscribers: dict[Any, int], frame: bytes, sequence: Optional[int]) -> None:
         if sequence is not None and sequence <= delivery.newest:
             # Someone's snapshot already holds it: skip them (rare; the common
             # case below does no work per subscriber).
             subscribers = {connection: seen for connection, seen in subscribers.items() if seen < sequence}
-        core.fanout(frame, subscribers)
+        delivered = core.fanout(frame, subscribers)
+        if self.fanout_observer is not None:
+            self.fanout_observer(delivered, len(frame))
 
     @staticmethod
     def _new_epoch(delivery: _Delivery, subscribers: Optional[dict[Any, int]]) -> None:

@@ -356,6 +356,10 @@ class ShareDataManager:
     def get_share_data_by_id(self, share_data_id: str) -> ShareData | None:
         return self._share_data.get(share_data_id)
 
+    def get_all_share_data(self) -> list[ShareData]:
+        """Every ShareData held, in the order they were added (a snapshot)."""
+        return list(self._share_data.values())
+
     def add_share_data(self, share_data: ShareData) -> None:
         """Add *share_data*; raise :exc:`ValueError` if its id is taken."""
         self._refuse_with_store("add_share_data", "register(share_data)")

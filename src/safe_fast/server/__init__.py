@@ -11,7 +11,8 @@ from .connection import (
 )
 from .request import UpgradeRequest
 from .resolver import create_id_based_function_resolver
-from .server import RealtimeServer, attach_realtime_server, use_uvloop
+from .admission import AdmissionPolicy
+from .server import ConnectionRefusedEvent, RealtimeServer, attach_realtime_server, use_uvloop
 
 __all__ = [
     "attach_realtime_server",
@@ -24,6 +25,8 @@ __all__ = [
     "ConnectionOverflowEvent",
     "ReplayWriteFailedEvent",
     "ReplayTimeoutEvent",
+    "ConnectionRefusedEvent",
+    "AdmissionPolicy",
     "create_id_based_function_resolver",
     "use_uvloop",
 ]

@@ -49,10 +49,11 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from .._backend import core
 from .._events import EventEmitter
@@ -225,6 +226,12 @@ class ServerHub:
         # wholesale replacement whose history does not end with it has a
         # history of its own, and the window of the old one must go.
         self._recorded: dict[str, str] = {}
+        # Observation seams (the metrics fill them; None costs one test):
+        # propose_observer(outcome, seconds) after each proposal,
+        # send_observer(frame_bytes) for each frame queued to one connection.
+        self.proposals_in_flight = 0
+        self.propose_observer: Optional[Callable[[str, float], None]] = None
+        self.send_observer: Optional[Callable[[int], None]] = None
         # A manager with a store is read through before every snapshot.
         self._refresh = manager.refresh if getattr(manager, "store", None) is not None else None
 
@@ -401,6 +408,18 @@ class ServerHub:
         logger.warning("replay store %s failed for %r: %r", operation, share_data_id, error)
         self.events.emit("replay:write-failed", ReplayWriteFailedEvent(share_data_id, operation, error))
 
+    async def run_proposal(self, proposal: Awaitable[str]) -> None:
+        """Run one proposal to its end, counted in flight (a graceful close waits for them)."""
+        self.proposals_in_flight += 1
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            outcome = await proposal
+        finally:
+            self.proposals_in_flight -= 1
+            if self.propose_observer is not None:
+                self.propose_observer(outcome, time.perf_counter() - started)
+
     @staticmethod
     def _run_hook(result: Any, what: str) -> None:
         # Most hooks are synchronous and return None: skip the awaitable check.
@@ -512,7 +531,13 @@ class ServerConnection(core.Outbox):
 
     def send_message(self, message: ServerMessage) -> bool:
         """Encode and queue one message for this connection only."""
-        return self.send_frame(core.encode_frame(encode_message(message)))
+        frame = core.encode_frame(encode_message(message))
+        if self.hub.send_observer is None:
+            return self.send_frame(frame)
+        sent = self.send_frame(frame)
+        if sent:
+            self.hub.send_observer(len(frame))
+        return sent
 
     def on_overflow(self, buffered_amount: int) -> None:
         self.hub.events.emit(
@@ -698,7 +723,7 @@ class ServerConnection(core.Outbox):
         if isinstance(message, Subscribe):
             await self._subscribe(message)
         elif isinstance(message, Propose):
-            await self._propose(message)
+            await self.hub.run_proposal(self._propose(message))
         elif isinstance(message, Ping):
             self.send_message(PongFrame(message.correlation_id))
         else:
@@ -786,12 +811,14 @@ class ServerConnection(core.Outbox):
         if inspect.isawaitable(registered):
             await registered
 
-    async def _propose(self, message: Propose) -> None:
+    async def _propose(self, message: Propose) -> str:
+        """Answer one proposal; returns its outcome for the metrics: accepted, rejected or error (a hook raised)."""
         hub = self.hub
         share_data_id, function_id = message.share_data_id, message.function_id
 
-        def reject(error: str) -> None:
+        def reject(error: str, outcome: str = "rejected") -> str:
             self.send_message(ProposalResultFrame(message.correlation_id, False, error=error))
+            return outcome
 
         if hub.manager.get_share_data_by_id(share_data_id) is None:
             return reject(f"shareDataId {share_data_id} not found")
@@ -799,7 +826,7 @@ class ServerConnection(core.Outbox):
             try:
                 allowed = await _resolve(hub.authorize_propose(self.context, share_data_id, function_id))
             except Exception as exc:
-                return reject(f"unauthorized-propose: {_error_text(exc)}")
+                return reject(f"unauthorized-propose: {_error_text(exc)}", "error")
             if not allowed:
                 return reject(f"unauthorized-propose: not allowed to invoke {function_id} on {share_data_id}")
         if hub.resolve_function is None:
@@ -807,7 +834,7 @@ class ServerConnection(core.Outbox):
         try:
             function = await _resolve(hub.resolve_function(share_data_id, function_id))
         except Exception as exc:
-            return reject(f"resolveFunction threw: {_error_text(exc)}")
+            return reject(f"resolveFunction threw: {_error_text(exc)}", "error")
         if not function:
             return reject(f"unknown functionId {function_id} for shareDataId {share_data_id}")
         try:
@@ -817,13 +844,14 @@ class ServerConnection(core.Outbox):
         except RuleError as exc:
             # The rule's own words, as the reference server sends them; the
             # RuleError wrapper is for Python callers.
-            return reject(_error_text(exc.__cause__ if exc.__cause__ is not None else exc))
+            return reject(_error_text(exc.__cause__ if exc.__cause__ is not None else exc), "error")
         except Exception as exc:
-            return reject(_error_text(exc))
+            return reject(_error_text(exc), "error")
         # The transaction frame reaches subscribers through the manager event.
         self.send_message(
             ProposalResultFrame(message.correlation_id, outcome.accepted, transaction_id=outcome.transaction_id)
         )
+        return "accepted" if outcome.accepted else "rejected"
 
     # liveness
 

@@ -14,8 +14,9 @@ import logging
 import socket
 import ssl as ssl_module
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 from urllib.parse import urlsplit
 
 import picows
@@ -23,15 +24,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._backend import core
 from .._events import EventEmitter, Listener
-from ..messages import CLOSE_UNAUTHORIZED
+from ..messages import CLOSE_UNAUTHORIZED, ErrorFrame
 from ..registry import ChannelRegistry, InMemoryChannelRegistry
 from ..replay import InMemoryReplayStore, ReplayStore
+from .admission import RATE_LIMITED_CODE, AdmissionPolicy, TokenBucket
 from .connection import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     DEFAULT_REPLAY_TIMEOUT,
     ServerConnection,
     ServerHub,
@@ -88,9 +91,20 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
     """Feeds one picows connection into a :class:`ServerConnection`, and is its control seam."""
 
     # One per connection for its whole life: slots instead of a __dict__.
-    __slots__ = ("server", "context", "pending_auth", "connection", "fragments", "fragments_binary", "transport")
+    __slots__ = (
+        "server",
+        "context",
+        "pending_auth",
+        "connection",
+        "fragments",
+        "fragments_binary",
+        "transport",
+        "bucket",
+        "forwarded_for",
+        "address",
+    )
 
-    def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any) -> None:
+    def __init__(self, server: "RealtimeServer", context: Any, pending_auth: Any, forwarded_for: Any = ()) -> None:
         super().__init__()
         self.server = server
         self.context = context
@@ -99,10 +113,18 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.fragments: Optional[bytearray] = None
         self.fragments_binary = False
         self.transport: Optional[picows.WSTransport] = None
+        # Admission (admission.py): the message-rate bucket, the X-Forwarded-For
+        # values until the peer is known, the address counted against its cap.
+        self.bucket: Optional[TokenBucket] = None
+        self.forwarded_for = forwarded_for
+        self.address: Optional[str] = None
 
     def on_ws_connected(self, transport: picows.WSTransport) -> None:
         server = self.server
         self.transport = transport
+        admission = server.admission
+        if admission is not None and not self._admitted(admission, transport):
+            return
         # picows keeps the upgrade request and the 101 response, headers and
         # all, for the connection's life (~2 KiB with a browser's headers).
         # Both are done with: the response is sent, and ``authenticate`` got
@@ -130,6 +152,35 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         else:
             server._watch_expiry(connection)
 
+    def _admitted(self, admission: AdmissionPolicy, transport: picows.WSTransport) -> bool:
+        """The per-address cap, now that the peer is known; sets up the rate limit."""
+        self.bucket = admission.new_bucket()
+        if not admission.max_connections_per_address:
+            return True
+        peer = transport.underlying_transport.get_extra_info("peername")
+        address = admission.client_address(peer[0] if peer else None, self.forwarded_for)
+        self.forwarded_for = ()
+        if admission.admit(address):
+            self.address = address
+            return True
+        self.server._events.emit("connection:refused", ConnectionRefusedEvent("address_cap", address))
+        pending, self.pending_auth = self.pending_auth, None
+        if pending is not None:
+            # Never awaited now: close it so it does not warn.
+            (getattr(pending, "close", None) or getattr(pending, "cancel", lambda: None))()
+        transport.send_close(CLOSE_POLICY_VIOLATION, b"too many connections from this address")
+        transport.disconnect()
+        return False
+
+    def _over_rate(self, connection: ServerConnection) -> bool:
+        """Spend a token for one message; past the limit, error frame and close 1008."""
+        if self.bucket.take():  # type: ignore[union-attr]
+            return False
+        connection.send_message(ErrorFrame(RATE_LIMITED_CODE, "message rate limit exceeded"))
+        connection.close(CLOSE_POLICY_VIOLATION, "message rate limit exceeded")
+        self.server._events.emit("connection:rate-limited", ConnectionRefusedEvent("rate", self.address, connection.id))
+        return True
+
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
         connection = self.connection
         if connection is None:
@@ -154,6 +205,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 self.fragments = None
                 connection.close(1002, "expected a continuation frame")
             elif frame.fin:
+                if self.bucket is not None and self._over_rate(connection):
+                    return
                 connection.receive_message(frame.get_payload_as_bytes(), msg_type == _BINARY)
             else:
                 self.fragments = bytearray(frame.get_payload_as_memoryview())
@@ -169,6 +222,8 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
                 return
             if frame.fin:
                 payload, self.fragments = bytes(self.fragments), None
+                if self.bucket is not None and self._over_rate(connection):
+                    return
                 connection.receive_message(payload, self.fragments_binary)
         elif msg_type == _PING:
             # The connection decides (not picows' auto-pong): nothing may precede a 4002.
@@ -197,6 +252,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        if self.address is not None:
+            self.server.admission.release(self.address)  # type: ignore[union-attr]
+            self.address = None
         connection = self.connection
         if connection is None:
             return
@@ -232,6 +290,15 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.transport.underlying_transport.resume_reading()
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionRefusedEvent:
+    """An upgrade or a connection refused by the admission controls (reason: origin, address_cap, rate)."""
+
+    reason: str
+    address: Optional[str]
+    connection_id: Optional[str] = None
+
+
 class RealtimeServer:
     """A running realtime server; see :func:`attach_realtime_server`.
 
@@ -257,6 +324,7 @@ class RealtimeServer:
         ssl: Optional[ssl_module.SSLContext] = None,
         backlog: int,
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+        admission: Optional[AdmissionPolicy] = None,
     ) -> None:
         self.manager = manager
         self.ssl = ssl
@@ -268,6 +336,7 @@ class RealtimeServer:
         self.max_message_size = max_message_size
         self.close_on_token_expiry = close_on_token_expiry
         self.backlog = backlog
+        self.admission = admission if admission is not None and admission.active else None
         self._events = EventEmitter()
         self._loop = asyncio.get_running_loop()
         self._hub = ServerHub(
@@ -307,7 +376,8 @@ class RealtimeServer:
         return list(self._hub.connections.values())
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Listen to ``connection:opened|closed|overflow`` or ``replay:write-failed|timeout``."""
+        """Listen to ``connection:opened|closed|overflow``, ``replay:write-failed|timeout``,
+        ``connection:refused`` or ``connection:rate-limited`` (a :class:`ConnectionRefusedEvent`)."""
         return self._events.on(event, listener)
 
     def off(self, event: str, listener: Listener) -> None:
@@ -332,24 +402,33 @@ class RealtimeServer:
     def remove_http_route(self, path: str) -> None:
         self._http_routes.pop(path, None)
 
-    async def close(self) -> None:
-        """Close every connection with 1001, detach from the manager, stop listening."""
+    async def close(self, timeout: Optional[float] = None) -> None:
+        """Stop listening, let proposals under way finish, close every connection with 1001.
+
+        In that order: no new connection is accepted; proposals already
+        being evaluated finish and are answered (their transactions are
+        broadcast); then every client gets what is queued for it and a 1001
+        close. ``timeout`` (default ``close_timeout``) bounds the whole of
+        it; connections still open then are dropped.
+        """
         if self._closing is not None:
             await asyncio.shield(self._closing)
             return
         self._closing = self._loop.create_future()
         try:
             self._closed = True
-            self._hub.detach()
-            if self._heartbeat is not None:
-                self._heartbeat.cancel()
+            deadline = self._loop.time() + (self._hub.close_timeout if timeout is None else timeout)
             if self._server is not None:
                 self._server.close()
             self._accept_failures.close()
+            while self._hub.proposals_in_flight and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            self._hub.detach()
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
             for connection in self.connections:
                 connection.close(CLOSE_GOING_AWAY, "server shutting down")
             self._hub.flusher.flush_all()
-            deadline = self._loop.time() + self._hub.close_timeout
             while self._hub.connections and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
             for connection in self.connections:
@@ -427,6 +506,10 @@ class RealtimeServer:
         if headers.get("sec-websocket-version") != "13":
             # RFC 6455 §4.4: name the version we speak. (picows would also take 7 and 8.)
             return _upgrade_required()
+        admission = self.admission
+        if admission is not None and not admission.origin_allowed(headers):
+            self._events.emit("connection:refused", ConnectionRefusedEvent("origin", None))
+            return _forbidden()
         upgrade = UpgradeRequest(
             path=target,
             query=query_parameters(parts.query),
@@ -438,12 +521,13 @@ class RealtimeServer:
         except Exception:
             logger.debug("authenticate raised; answering 401", exc_info=True)
             return _unauthorized()
+        forwarded_for = headers.getall("x-forwarded-for", ()) if admission is not None else ()
         if inspect.isawaitable(context):
             # picows cannot await here: upgrade now, hold frames until it resolves.
-            return _Listener(self, None, context)
+            return _Listener(self, None, context, forwarded_for)
         if not context:
             return _unauthorized()
-        return _Listener(self, context, None)
+        return _Listener(self, context, None, forwarded_for)
 
     def _answer_http(self, path: str, query: str, target: str, headers: Any) -> Any:
         """A request that is not an upgrade of the WebSocket path: a plain route, or 404."""
@@ -498,6 +582,12 @@ def _upgrade_required() -> Any:
     )
 
 
+def _forbidden() -> Any:
+    return picows.WSUpgradeResponseWithListener(
+        picows.WSUpgradeResponse.create_error_response(HTTPStatus.FORBIDDEN, b"403 Forbidden: origin not allowed"), None
+    )
+
+
 def _unauthorized() -> Any:
     return picows.WSUpgradeResponseWithListener(
         picows.WSUpgradeResponse.create_error_response(HTTPStatus.UNAUTHORIZED, b"401 Unauthorized"), None
@@ -535,6 +625,12 @@ async def attach_realtime_server(
     ssl: Optional[ssl_module.SSLContext] = None,
     backlog: Optional[int] = None,
     replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+    inspector: bool = False,
+    allowed_origins: Optional[Iterable[str]] = None,
+    max_messages_per_second: Optional[float] = None,
+    message_burst: Optional[int] = None,
+    max_connections_per_address: Optional[int] = None,
+    trusted_proxies: Iterable[str] = (),
 ) -> RealtimeServer:
     """Start a SAFE realtime WebSocket server that broadcasts ``manager``'s events.
 
@@ -556,6 +652,17 @@ async def attach_realtime_server(
     store answers ``since`` from its stored history (the newest
     ``replay_buffer_size`` records), any other from an in-memory window of
     that size.
+    ``inspector=True`` serves the browser inspector page at ``/`` (see
+    ``safe_fast.inspector``).
+
+    Admission controls (all off by default; see ``server/admission.py``):
+    ``allowed_origins`` answers 403 to a browser upgrade from another
+    ``Origin`` before ``authenticate`` runs; ``max_messages_per_second``
+    (with ``message_burst``, default twice the rate) closes a connection
+    that sends faster with an ``error`` frame and 1008;
+    ``max_connections_per_address`` closes connections past that many from
+    one client address with 1008, the address read from ``X-Forwarded-For``
+    when the peer is in ``trusted_proxies`` (CIDRs).
     """
     if not callable(authenticate):
         raise TypeError("authenticate must be callable")
@@ -588,6 +695,17 @@ async def attach_realtime_server(
         ssl=ssl,
         backlog=backlog,
         replay_timeout=replay_timeout,
+        admission=AdmissionPolicy(
+            allowed_origins=allowed_origins,
+            max_messages_per_second=max_messages_per_second,
+            message_burst=message_burst,
+            max_connections_per_address=max_connections_per_address,
+            trusted_proxies=trusted_proxies,
+        ),
     )
+    if inspector:
+        from ..inspector import install_inspector
+
+        install_inspector(server, authorize_subscribe=authorize_subscribe)
     await server._start(host, port, sock)
     return server

@@ -1,0 +1,384 @@
+"""One server process of ``safe-fast serve``: built from :class:`~safe_fast.config.Settings`, run until a signal.
+
+Theory of operation
+-------------------
+
+:func:`prepare` does everything that can fail because of a setting before
+anything listens: it imports the application, opens the store, calls the
+application with the manager, builds the JWT issuers and the Redis client.
+A failure there is a :class:`~safe_fast.config.ConfigError` (exit status 2).
+
+:func:`start` then attaches the server, the health routes and the metrics,
+and :func:`run_until_signal` waits for SIGTERM or SIGINT. The graceful
+shutdown, all within ``shutdown_timeout``:
+
+1. ``/readyz`` answers 503 (for ``shutdown_delay`` seconds the server keeps
+   accepting, so load balancers see it before connections are refused);
+2. the listener closes; proposals under way finish and are answered;
+3. every client gets what is queued for it, then a 1001 close;
+4. the Redis registry sends what it still holds, Redis and the store close.
+
+Exit status 0 when that finished in time, 1 when it had to drop
+connections. A second signal ends the process at once (status 128 + signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import ssl as ssl_module
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Optional
+
+from .config import ConfigError, Settings, mask_url
+from .health import Readiness
+from .registry import InMemoryChannelRegistry
+from .replay import InMemoryReplayStore
+from .server import RealtimeServer, attach_realtime_server, create_id_based_function_resolver
+from .sharedata import ShareDataManager
+
+__all__ = ["App", "HOOKS", "load_app", "prepare", "start", "run_until_signal", "serve"]
+
+logger = logging.getLogger("safe_fast.serve")
+
+HOOKS = ("authenticate", "authorize_subscribe", "authorize_propose", "resolve_function")
+"""What an application may return (as a mapping or as attributes)."""
+
+App = Callable[[ShareDataManager], Any]
+"""``app(manager)``, plain or ``async``: registers the ShareData, may return hooks."""
+
+
+def load_app(spec: str) -> App:
+    """The callable named by ``module:attribute`` (the working directory is importable, as with uvicorn)."""
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("app", f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise ConfigError("app", f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError("app", f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(target):
+        raise ConfigError("app", f"{spec} is not callable (it must be a function taking the ShareDataManager)")
+    return target
+
+
+def open_manager(store_url: str) -> ShareDataManager:
+    """The manager for ``store_url`` (``memory://``: ShareData in this process only)."""
+    return ShareDataManager()
+
+
+def _hooks_of(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, Mapping):
+        unknown = sorted(set(result) - set(HOOKS))
+        if unknown:
+            raise ConfigError("app", f"returned unknown hook {unknown[0]!r} (known: {', '.join(HOOKS)})")
+        hooks = dict(result)
+    else:
+        hooks = {name: getattr(result, name) for name in HOOKS if getattr(result, name, None) is not None}
+        if not hooks:
+            raise ConfigError(
+                "app", f"returned a {type(result).__name__}; return None or a mapping of hooks ({', '.join(HOOKS)})"
+            )
+    for name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise ConfigError("app", f"hook {name} is not callable")
+    return {name: hook for name, hook in hooks.items() if hook is not None}
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` built; nothing listens yet."""
+
+    settings: Settings
+    manager: ShareDataManager
+    hooks: dict[str, Any]
+    redis: Any = None
+    ssl: Optional[ssl_module.SSLContext] = None
+    issuers: Any = None
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+
+def _issuers(settings: Settings) -> Any:
+    from .issuers import build_issuer_authenticate
+
+    return build_issuer_authenticate(
+        settings.jwt_issuers,
+        audience=settings.jwt_audience,
+        leeway=settings.jwt_leeway,
+        require_exp=settings.jwt_require_exp,
+    )
+
+
+def check_without_starting(settings: Settings) -> None:
+    """What ``safe-fast config`` checks without calling the app or the network.
+
+    The app's import, the issuers' key files and secret variables, the certificate.
+    """
+    load_app(settings.app)
+    if settings.jwt_issuers:
+        _issuers(settings)
+    if settings.ssl_certfile:
+        _server_ssl_context(settings)
+
+
+async def prepare(settings: Settings) -> Prepared:
+    """Import and call the application, open the store, Redis and the issuers; ConfigError if any is wrong."""
+    app = load_app(settings.app)
+    manager = open_manager(settings.store_url)
+    try:
+        result = app(manager)
+        if inspect.isawaitable(result):
+            result = await result
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
+    hooks = _hooks_of(result)
+    prepared = Prepared(settings, manager, hooks)
+    if settings.jwt_issuers:
+        if "authenticate" in hooks:
+            raise ConfigError(
+                "jwt_issuers",
+                "the app returns its own authenticate hook; configure JWT issuers or return authenticate, not both",
+                settings.issuers_source,
+            )
+        hooks["authenticate"] = prepared.issuers = _issuers(settings)
+    elif "authenticate" not in hooks:
+        raise ConfigError(
+            "jwt_issuers",
+            "nothing authenticates connections: configure jwt_issuers or have the app return an authenticate hook",
+        )
+    hooks.setdefault("resolve_function", create_id_based_function_resolver(manager))
+    if settings.ssl_certfile:
+        prepared.ssl = _server_ssl_context(settings)
+    if settings.redis_url:
+        try:
+            import redis.asyncio as redis_asyncio
+        except ImportError:
+            raise ConfigError(
+                "redis_url", "needs the redis package: pip install 'safe-fast[redis]'", settings.sources["redis_url"]
+            ) from None
+        try:
+            prepared.redis = redis_asyncio.from_url(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigError("redis_url", str(exc), settings.sources["redis_url"]) from None
+    return prepared
+
+
+def _server_ssl_context(settings: Settings) -> ssl_module.SSLContext:
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        if not os.access(settings.values[key], os.R_OK):
+            raise ConfigError(key, f"cannot read {settings.values[key]}", settings.sources[key])
+    context = ssl_module.create_default_context(ssl_module.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    except (OSError, ssl_module.SSLError) as exc:
+        raise ConfigError(
+            "ssl_certfile", f"cannot load the certificate and key: {exc}", settings.sources["ssl_certfile"]
+        ) from None
+    return context
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT, for one of several workers."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The ``attach_realtime_server`` keywords that come straight from settings (0 or empty: the server's off)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "path": settings.path,
+        "backlog": settings.backlog,
+        "max_buffered_bytes": settings.max_buffered_bytes,
+        "heartbeat_interval": settings.heartbeat_interval or None,
+        "max_message_size": settings.max_message_size,
+        "close_on_token_expiry": settings.close_on_token_expiry,
+        "close_timeout": settings.close_timeout,
+        "replay_timeout": settings.replay_timeout,
+        "inspector": settings.inspector,
+        "allowed_origins": settings.allowed_origins or None,
+        "max_messages_per_second": settings.message_rate_limit or None,
+        "message_burst": settings.message_burst,
+        "max_connections_per_address": settings.max_connections_per_address or None,
+        "trusted_proxies": settings.trusted_proxies,
+    }
+
+
+@dataclass
+class Running:
+    server: RealtimeServer
+    readiness: Readiness
+    prepared: Prepared
+    metrics: Any = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
+    """Attach the server with its health and metrics routes; ready once the first checks pass."""
+    settings = prepared.settings
+    registry: Any
+    replay_store: Any
+    checks: dict[str, Callable[[], Awaitable[Any]]] = {}
+    if prepared.redis is not None:
+        from .scaleout import RedisChannelRegistry, RedisReplayStore
+
+        registry = RedisChannelRegistry(prepared.redis)
+        replay_store = RedisReplayStore(prepared.redis, settings.replay_buffer_size)
+        checks["redis"] = prepared.redis.ping
+        prepared.closers.append(registry.close)
+        prepared.closers.append(prepared.redis.aclose if hasattr(prepared.redis, "aclose") else prepared.redis.close)
+    else:
+        registry = InMemoryChannelRegistry()
+        replay_store = InMemoryReplayStore(settings.replay_buffer_size)
+    if prepared.issuers is not None:
+        await prepared.issuers.refresh_all()
+    sock = reuse_port_socket(settings.host, settings.port) if reuse_port else None
+    server = await attach_realtime_server(
+        manager=prepared.manager,
+        sock=sock,
+        registry=registry,
+        replay_store=replay_store,
+        ssl=prepared.ssl,
+        **server_options(settings),
+        **prepared.hooks,
+    )
+    readiness = Readiness(checks).install(server)
+    running = Running(server, readiness, prepared)
+    if prepared.issuers is not None:
+        running.tasks.extend(prepared.issuers.start_periodic_refresh())
+    if settings.metrics:
+        from .metrics import ServerMetrics
+
+        running.metrics = ServerMetrics().install(server)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Another worker may answer the scrape: keep this one's gauges current.
+            running.tasks.append(asyncio.ensure_future(_refresh_every(running.metrics.refresh, 1.0)))
+    await readiness.check_now()
+    readiness.accepting = True
+    readiness.start()
+    return running
+
+
+async def _refresh_every(refresh: Callable[[], None], interval: float) -> None:
+    while True:
+        refresh()
+        await asyncio.sleep(interval)
+
+
+async def shutdown(running: Running, timeout: float) -> bool:
+    """The graceful shutdown (see the module docstring); True when it finished in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    settings = running.prepared.settings
+    running.readiness.stop_accepting()
+    delay = min(settings.shutdown_delay, max(0.0, timeout - 1.0))
+    if delay > 0:
+        logger.info("shutting down: /readyz answers 503; closing in %gs", delay)
+        await asyncio.sleep(delay)
+    connections = len(running.server.connections)
+    logger.info("shutting down: closing %d connection(s)", connections)
+    await running.server.close(timeout=max(0.0, deadline - loop.time()))
+    clean = not running.server.connections
+    for task in running.tasks:
+        task.cancel()
+    await running.readiness.close()
+    for close in running.prepared.closers:
+        try:
+            await asyncio.wait_for(close(), max(0.1, deadline - loop.time()))
+        except Exception as exc:
+            clean = False
+            logger.warning("shutting down: %s failed: %r", getattr(close, "__qualname__", close), exc)
+    if loop.time() > deadline:
+        clean = False
+    return clean
+
+
+async def run_until_signal(running: Running, *, watch_parent: Optional[int] = None) -> int:
+    """Serve until SIGTERM/SIGINT (or the supervisor ``watch_parent`` goes away); the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if received:
+            logger.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        received.append(signum)
+        logger.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    watcher = asyncio.ensure_future(_watch_parent(watch_parent, stop)) if watch_parent else None
+    try:
+        await stop.wait()
+        timeout = running.prepared.settings.shutdown_timeout
+        clean = await shutdown(running, timeout)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if not clean:
+        logger.warning("shutdown did not finish cleanly within %gs", timeout)
+        return 1
+    logger.info("stopped")
+    return 0
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died shuts down (it would otherwise hold the port forever)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the supervisor (pid %d) is gone: shutting down", parent)
+    stop.set()
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, watch_parent: Optional[int] = None) -> int:
+    """Prepare, start and run one server process; ConfigError before anything listens."""
+    prepared = await prepare(settings)
+    try:
+        running = await start(prepared, reuse_port=reuse_port)
+    except OSError as exc:
+        for close in prepared.closers:
+            with contextlib.suppress(Exception):
+                await close()
+        raise ConfigError("port", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    server = running.server
+    logger.info(
+        "safe-fast serving %s on %s (pid %d, %s)",
+        settings.app,
+        server.url,
+        os.getpid(),
+        "redis " + mask_url(settings.redis_url) if settings.redis_url else "in-memory fan-out",
+    )
+    return await run_until_signal(running, watch_parent=watch_parent)

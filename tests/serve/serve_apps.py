@@ -1,0 +1,61 @@
+"""Applications for the ``safe-fast serve`` tests (imported by the subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from safe_fast import ShareData, ShareDataManager, ShareFunction
+from safe_fast.examples.counter import app as counter_app
+
+
+async def slow_increment(current: Any, proposed: Any) -> bool:
+    """Takes a while to decide: a proposal is in flight when the test signals the server."""
+    await asyncio.sleep(1.2)
+    return True
+
+
+def slow(manager: ShareDataManager) -> Any:
+    """The counter, plus ``slow`` whose function ``wait`` decides after 1.2 s."""
+    hooks = counter_app(manager)
+    manager.add_share_data(ShareData("slow", current_state={}, functions=[ShareFunction("wait", slow_increment)]))
+    return hooks
+
+
+def workers(manager: ShareDataManager) -> Any:
+    """The counter, plus ``worker`` whose state names the process that serves it."""
+    hooks = counter_app(manager)
+    manager.add_share_data(ShareData("worker", current_state={"pid": os.getpid()}))
+    return hooks
+
+
+def erroring(manager: ShareDataManager) -> Any:
+    """The counter, with an ``authorize_propose`` that raises for the function ``boom``;
+    and ``big``, whose function ``set`` accepts any state (large broadcasts on demand)."""
+    hooks = dict(counter_app(manager))
+    manager.add_share_data(ShareData("big", current_state={}, functions=[ShareFunction("set", lambda old, new: True)]))
+
+    def authorize_propose(context: Any, share_data_id: str, function_id: str) -> bool:
+        if function_id == "boom":
+            raise RuntimeError("boom")
+        return True
+
+    hooks["authorize_propose"] = authorize_propose
+    return hooks
+
+
+def no_hooks(manager: ShareDataManager) -> None:
+    """Registers the counter and returns no hooks (nothing authenticates)."""
+    counter_app(manager)
+
+
+def raises(manager: ShareDataManager) -> None:
+    raise RuntimeError("the application failed to start")
+
+
+async def async_app(manager: ShareDataManager) -> Any:
+    return counter_app(manager)
+
+
+not_callable = 42
