@@ -150,3 +150,64 @@ async def test_the_example_node_keeps_its_counter_across_a_restart(tmp_path: Pat
             assert (stale.accepted, stale.transaction_id) == (False, "3")
     finally:
         stopped(proc)
+
+
+def _safe_fast(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "safe_fast", *args]
+
+
+async def test_safe_fast_serve_keeps_its_state_in_the_store_url_it_is_given(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import urllib.request
+
+    from safe_fast import RealtimeClient
+
+    port = free_port()
+    store_url = f"sqlite:///{tmp_path / 'served.db'}"
+    command = _safe_fast("serve", "safe_fast.examples.cluster_node:app", "--host", "127.0.0.1", "--port", str(port),
+                         "--store-url", store_url, "--no-metrics")  # fmt: skip
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    async def served(count: int) -> None:
+        log = open(tmp_path / "serve.log", "ab")
+        proc = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while not ready():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                await asyncio.sleep(0.05)
+            async with RealtimeClient(f"ws://127.0.0.1:{port}/realtime", request_timeout=DEADLINE) as client:
+                result = await client.propose("counter", "increment", {"count": count})
+                assert (result.accepted, result.transaction_id) == (True, str(count))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0, (tmp_path / "serve.log").read_text()
+
+    await served(1)
+    await served(2)  # the count survived the restart
+
+
+def test_safe_fast_serve_refuses_an_unreachable_store_with_exit_2() -> None:
+    import subprocess
+
+    closed = free_port()
+    result = subprocess.run(
+        _safe_fast("serve", "safe_fast.examples.cluster_node:app", "--port", str(free_port()),
+                   "--store-url", f"postgresql://postgres:secret@127.0.0.1:{closed}/app"),  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "store_url" in result.stderr and "cannot reach PostgreSQL" in result.stderr
+    assert "secret" not in result.stderr

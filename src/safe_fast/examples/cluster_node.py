@@ -12,6 +12,11 @@ A single durable node needs neither PostgreSQL nor Redis:
 
     python -m safe_fast.examples.cluster_node --port 8001 --store sqlite:///app.db
 
+``app`` is the same application for ``safe-fast serve`` (which adds health,
+metrics, workers and a graceful shutdown):
+
+    safe-fast serve safe_fast.examples.cluster_node:app --store-url sqlite:///app.db
+
 The store URL may also come from the environment variable ``SAFE_FAST_STORE``.
 Stop a node with Ctrl-C or SIGTERM.
 """
@@ -47,6 +52,16 @@ def share_data() -> list[ShareData]:
     return [ShareData("counter", current_state={"count": 0}, functions=[ShareFunction("increment", increment)])]
 
 
+async def app(manager: ShareDataManager) -> dict[str, Any]:
+    """Register the ShareData (created by the first node, loaded by the others); the server's hooks."""
+    for one in share_data():
+        await manager.register(one)
+    return {
+        "authenticate": lambda request: {"subject": "anonymous"},  # replace with real authentication
+        "resolve_function": create_id_based_function_resolver(manager),
+    }
+
+
 async def run(store_url: str, redis_url: Optional[str], host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -55,8 +70,7 @@ async def run(store_url: str, redis_url: Optional[str], host: str, port: int) ->
 
     async with open_store(store_url) as store:
         manager = ShareDataManager(store=store)
-        for one in share_data():
-            await manager.register(one)  # created by the first node, loaded by the others
+        hooks = await app(manager)
 
         registry: Any = None
         redis_client: Any = None
@@ -68,11 +82,10 @@ async def run(store_url: str, redis_url: Optional[str], host: str, port: int) ->
 
         server = await attach_realtime_server(
             manager=manager,
-            authenticate=lambda request: {"subject": "anonymous"},  # replace with real authentication
-            resolve_function=create_id_based_function_resolver(manager),
             registry=registry,  # None: fan-out within this process only
             host=host,
             port=port,
+            **hooks,
         )
         print(f"serving {server.url} over {store_url}", flush=True)
         try:
