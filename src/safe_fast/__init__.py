@@ -81,6 +81,19 @@ from .sharedata import (
     TransactionOutcome,
     TransactionRecord,
 )
+from .store import (
+    CorruptShareData,
+    MemoryStore,
+    PostgresStore,
+    SchemaVersionError,
+    ShareDataStore,
+    SQLiteStore,
+    StoredShareData,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from .store.history import HistoryReplayStore
 
 __version__ = "0.1.0"
 
@@ -95,6 +108,18 @@ __all__ = [
     "ShareDataManager",
     "ShareDataEvent",
     "RuleError",
+    # where ShareData lives (PostgreSQL needs the ``postgres`` extra)
+    "ShareDataStore",
+    "open_store",
+    "MemoryStore",
+    "SQLiteStore",
+    "PostgresStore",
+    "StoredShareData",
+    "HistoryReplayStore",
+    "StoreError",
+    "StoreUnavailable",
+    "CorruptShareData",
+    "SchemaVersionError",
     # the wire protocol
     "CLOSE_FELL_BEHIND",
     "CLOSE_UNAUTHORIZED",

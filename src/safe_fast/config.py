@@ -48,9 +48,8 @@ __all__ = [
 ENV_PREFIX = "SAFE_FAST_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
-STORE_SCHEMES = ("memory",)
-"""Store URL schemes this build can open (``sqlite``/``postgresql`` come with the durable stores)."""
-KNOWN_STORE_SCHEMES = ("memory", "sqlite", "postgresql")
+STORE_SCHEMES = ("memory", "sqlite", "postgresql", "postgres")
+"""Store URL schemes this build can open (see docs/store.md)."""
 
 
 class ConfigError(ValueError):
@@ -188,10 +187,14 @@ def _path(value: Any) -> str:
 def _store_url(value: Any) -> str:
     text = _text(value).strip()
     scheme = urlsplit(text).scheme.lower()
-    if scheme not in KNOWN_STORE_SCHEMES:
-        raise ValueError(f"unknown store scheme {scheme + '://' if scheme else _show(text)}; use memory://")
     if scheme not in STORE_SCHEMES:
-        raise ValueError(f"{scheme}:// stores are not available in this version of safe-fast; use memory://")
+        raise ValueError(
+            f"unknown store scheme {scheme + '://' if scheme else _show(text)};"
+            " use memory://, sqlite:///path.db or postgresql://user@host:port/db"
+        )
+    from .store import open_store
+
+    open_store(text)  # checks the rest of the URL (a SQLite URL names a file)
     return text
 
 
@@ -259,7 +262,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ssl_certfile", _nonempty, None, "PEM certificate chain: serve wss:// (and https health) itself", "FILE"),
     Option("ssl_keyfile", _nonempty, None, "PEM private key of ssl_certfile", "FILE"),
     # shared state
-    Option("store_url", _store_url, "memory://", "where ShareData lives (memory://)", "URL", secret=True),
+    Option("store_url", _store_url, "memory://", "where ShareData lives (memory://, sqlite:///path.db, postgresql://user@host:port/db)", "URL", secret=True),
     Option(
         "redis_url", _redis_url, None, "Redis for fan-out and replay across processes and nodes", "URL", secret=True
     ),

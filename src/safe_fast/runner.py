@@ -76,9 +76,26 @@ def load_app(spec: str) -> App:
     return target
 
 
-def open_manager(store_url: str) -> ShareDataManager:
-    """The manager for ``store_url`` (``memory://``: ShareData in this process only)."""
-    return ShareDataManager()
+async def open_manager(store_url: str, closers: list[Callable[[], Awaitable[Any]]]) -> ShareDataManager:
+    """The manager for ``store_url``: ``memory://`` keeps ShareData in this process only (and
+    the app may use the synchronous methods); any other opens that store (docs/store.md)."""
+    if store_url.partition("://")[0].lower() == "memory":
+        return ShareDataManager()
+    from .store import StoreError, open_store
+
+    store = open_store(store_url)
+    try:
+        await store.open()
+    except StoreError as exc:
+        raise ConfigError("store_url", str(exc)) from None
+    manager = ShareDataManager(store=store)
+
+    async def close_store() -> None:
+        manager.close()
+        await store.close()
+
+    closers.append(close_store)
+    return manager
 
 
 def _hooks_of(result: Any) -> dict[str, Any]:
@@ -140,7 +157,8 @@ def check_without_starting(settings: Settings) -> None:
 async def prepare(settings: Settings) -> Prepared:
     """Import and call the application, open the store, Redis and the issuers; ConfigError if any is wrong."""
     app = load_app(settings.app)
-    manager = open_manager(settings.store_url)
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    manager = await open_manager(settings.store_url, closers)
     try:
         result = app(manager)
         if inspect.isawaitable(result):
@@ -148,9 +166,12 @@ async def prepare(settings: Settings) -> Prepared:
     except ConfigError:
         raise
     except Exception as exc:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                await close()
         raise ConfigError("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
     hooks = _hooks_of(result)
-    prepared = Prepared(settings, manager, hooks)
+    prepared = Prepared(settings, manager, hooks, closers=closers)
     if settings.jwt_issuers:
         if "authenticate" in hooks:
             raise ConfigError(
@@ -260,6 +281,11 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
     else:
         registry = InMemoryChannelRegistry()
         replay_store = InMemoryReplayStore(settings.replay_buffer_size)
+    if prepared.manager.store is not None:
+        # The stored history is the replay window: it survives restarts and is the same on every node.
+        from .store.history import HistoryReplayStore
+
+        replay_store = HistoryReplayStore(prepared.manager, settings.replay_buffer_size)
     if prepared.issuers is not None:
         await prepared.issuers.refresh_all()
     sock = reuse_port_socket(settings.host, settings.port) if reuse_port else None

@@ -19,9 +19,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._events import EventEmitter, Listener
+
+if TYPE_CHECKING:
+    from .store import ShareDataStore
 
 __all__ = [
     "GENESIS_HASH",
@@ -122,7 +125,9 @@ class ShareDataEvent:
     ``transaction_id`` and ``accepted`` are set for ``share-data:transaction``
     only; ``current_state`` is the state after the change, and ``None`` for
     ``share-data:removed``; ``share_data`` is the ShareData concerned (for
-    ``share-data:removed``, the one that was removed).
+    ``share-data:removed``, the one that was removed). ``remote`` is true
+    for a replacement or removal made by another node of a shared store,
+    which this manager learned from the store (that node announced it).
     """
 
     type: str
@@ -131,6 +136,7 @@ class ShareDataEvent:
     accepted: bool | None = None
     current_state: Any = None
     share_data: ShareData | None = None
+    remote: bool = False
 
 
 class ShareData:
@@ -232,13 +238,25 @@ class ShareData:
         accepted: bool,
         proof: Any,
     ) -> TransactionRecord:
+        record = self._next_record(function_id, proposed_data, accepted, proof)
+        self._append_record(record)
+        return record
+
+    def _next_record(
+        self,
+        function_id: str | None,
+        proposed_data: Any,
+        accepted: bool,
+        proof: Any,
+    ) -> TransactionRecord:
+        """The record that would extend the history now (not appended)."""
         transaction_id = str(len(self.transaction_history) + 1)
         timestamp = time.time()
         prev_hash = self._head_hash
         digest = _hash_fields(
             transaction_id, function_id, proposed_data, accepted, timestamp, proof, prev_hash
         )
-        record = TransactionRecord(
+        return TransactionRecord(
             transaction_id=transaction_id,
             function_id=function_id,
             proposed_data=proposed_data,
@@ -248,9 +266,11 @@ class ShareData:
             prev_hash=prev_hash,
             hash=digest,
         )
+
+    def _append_record(self, record: TransactionRecord) -> None:
+        """Append a record that extends the head (made by _next_record, or verified)."""
         self.transaction_history.append(record)
-        self._head_hash = digest
-        return record
+        self._head_hash = record.hash
 
 
 class _LockEntry:
@@ -270,6 +290,16 @@ MAX_EVALUATIONS = 8
 class ShareDataManager:
     """The ShareData of a process, by id, and the events about them.
 
+    ``ShareDataManager()`` keeps its ShareData itself, in memory.
+    ``ShareDataManager(store=store)`` is a cache in front of a
+    :class:`~safe_fast.store.ShareDataStore` (see docs/store.md): ShareData
+    are registered with ``await register(...)``, every transaction is
+    committed to the store before ``apply_transaction`` returns, and the
+    synchronous ``add_share_data`` / ``update_share_data`` /
+    ``remove_share_data_by_id`` are replaced by ``await register`` /
+    ``await replace`` / ``await remove`` (the asynchronous ones work without
+    a store too).
+
     Events (each listener receives one :class:`ShareDataEvent`):
     ``share-data:added``, ``share-data:updated``, ``share-data:removed`` and
     ``share-data:transaction``. Listeners may be coroutine functions; one that
@@ -280,15 +310,38 @@ class ShareDataManager:
     listener, still before the call that caused it returns.
     """
 
-    __slots__ = ("_share_data", "_locks", "_emitter")
+    __slots__ = ("_share_data", "_locks", "_emitter", "_replica")
 
-    def __init__(self) -> None:
+    def __init__(self, store: ShareDataStore | None = None) -> None:
         self._share_data: dict[str, ShareData] = {}
         self._locks: dict[str, _LockEntry] = {}
         # In order: a listener reacting to one change with another (e.g.
         # removing a finished ShareData) must not let the listeners after it
         # see the second change first.
         self._emitter = EventEmitter(in_order=True)
+        self._replica: Any = None
+        if store is not None:
+            from .store import ShareDataStore
+            from .store.replica import StoreReplica
+
+            if not isinstance(store, ShareDataStore):
+                raise TypeError(f"store must be a ShareDataStore (see safe_fast.open_store), got {type(store).__name__}")
+            self._replica = StoreReplica(store, self)
+
+    @property
+    def store(self) -> ShareDataStore | None:
+        """The :class:`~safe_fast.store.ShareDataStore` behind this manager, or None."""
+        return None if self._replica is None else self._replica.store
+
+    @property
+    def durable(self) -> bool:
+        """Whether what this manager records survives the process (its store is durable)."""
+        return self._replica is not None and bool(self._replica.store.durable)
+
+    def close(self) -> None:
+        """Stop following the store's changes (the store itself stays open)."""
+        if self._replica is not None:
+            self._replica.close()
 
     def on(self, event: str, listener: Listener) -> Listener:
         """Register *listener* for *event*; returns it, so it can decorate."""
@@ -309,25 +362,31 @@ class ShareDataManager:
 
     def add_share_data(self, share_data: ShareData) -> None:
         """Add *share_data*; raise :exc:`ValueError` if its id is taken."""
+        self._refuse_with_store("add_share_data", "register(share_data)")
         _check_share_data(share_data)
         if share_data.id in self._share_data:
             raise ValueError(f"ShareData {share_data.id!r} already exists")
         self._share_data[share_data.id] = share_data
-        self._emit("share-data:added", share_data)
+        self._announce("share-data:added", share_data)
 
     def update_share_data(self, share_data: ShareData) -> None:
         """Replace the ShareData with the same id wholesale.
 
         Raise :exc:`KeyError` if there is none.
         """
+        self._refuse_with_store("update_share_data", "replace(share_data)")
         _check_share_data(share_data)
         if share_data.id not in self._share_data:
             raise KeyError(_not_found(share_data.id))
         self._share_data[share_data.id] = share_data
-        self._emit("share-data:updated", share_data)
+        self._announce("share-data:updated", share_data)
 
     def remove_share_data_by_id(self, share_data_id: str) -> bool:
         """Remove a ShareData; return whether there was one."""
+        self._refuse_with_store("remove_share_data_by_id", "remove(share_data_id)")
+        return self._forget(share_data_id)
+
+    def _forget(self, share_data_id: str) -> bool:
         share_data = self._share_data.pop(share_data_id, None)
         if share_data is None:
             return False
@@ -336,6 +395,63 @@ class ShareDataManager:
             ShareDataEvent("share-data:removed", share_data_id, share_data=share_data),
         )
         return True
+
+    async def register(self, share_data: ShareData) -> ShareData:
+        """Add *share_data*, through the store when there is one; returns it.
+
+        With a store, the first registration of an id anywhere creates it
+        there with *share_data*'s state; otherwise *share_data* takes the
+        state and history the store holds (its functions stay: they are
+        code). Raise :exc:`ValueError` if the id is already registered here,
+        :class:`~safe_fast.store.CorruptShareData` if what the store holds
+        does not verify, :class:`~safe_fast.store.StoreError` if the store
+        cannot be reached.
+        """
+        _check_share_data(share_data)
+        if self._replica is None:
+            self.add_share_data(share_data)
+            return share_data
+        if share_data.id in self._share_data:
+            raise ValueError(f"ShareData {share_data.id!r} already exists")
+        await self._replica.register(share_data)
+        if share_data.id in self._share_data:
+            raise ValueError(f"ShareData {share_data.id!r} already exists")
+        self._share_data[share_data.id] = share_data
+        self._announce("share-data:added", share_data)
+        return share_data
+
+    async def replace(self, share_data: ShareData) -> None:
+        """Replace the ShareData with the same id wholesale, in the store too.
+
+        Every node sharing the store learns of it. Raise :exc:`KeyError` if
+        there is none here.
+        """
+        if self._replica is None:
+            self.update_share_data(share_data)
+            return
+        _check_share_data(share_data)
+        if share_data.id not in self._share_data:
+            raise KeyError(_not_found(share_data.id))
+        await self._replica.replace(share_data)
+        self._share_data[share_data.id] = share_data
+        self._announce("share-data:updated", share_data)
+
+    async def remove(self, share_data_id: str) -> bool:
+        """Remove a ShareData, from the store too; return whether there was one here."""
+        if self._replica is None:
+            return self.remove_share_data_by_id(share_data_id)
+        if share_data_id not in self._share_data:
+            return False
+        await self._replica.remove(share_data_id)
+        return self._forget(share_data_id)
+
+    async def refresh(self, share_data_id: str) -> None:
+        """Bring *share_data_id* up to what the store holds (other nodes' commits, replacement, removal).
+
+        Without a store, or for an unknown id, it returns at once.
+        """
+        if self._replica is not None:
+            await self._replica.refresh(share_data_id)
 
     async def apply_transaction(
         self,
@@ -364,6 +480,14 @@ class ShareDataManager:
         :exc:`RuntimeError` if the state changed under the rule
         :data:`MAX_EVALUATIONS` times in a row; in every case nothing is
         recorded.
+
+        With a store, the outcome is committed to the store first (a commit
+        that finds the stored history moved on catches up and evaluates
+        again, within the same bound) and this returns only once it is
+        durable there; a store failure is raised as
+        :class:`~safe_fast.store.StoreError` and nothing is assumed recorded.
+        Data a durable store cannot keep (not plain JSON) raises
+        :exc:`ValueError`.
         """
         if not isinstance(function, ShareFunction):
             raise TypeError(f"function must be a ShareFunction, got {type(function).__name__}")
@@ -376,6 +500,22 @@ class ShareDataManager:
         entry.users += 1
         try:
             async with entry.lock:
+                if self._replica is not None:
+                    share_data, record, state = await self._replica.commit_transaction(
+                        share_data_id, function, proposed_data, proof, _evaluate
+                    )
+                    self._emitter.emit(
+                        "share-data:transaction",
+                        ShareDataEvent(
+                            "share-data:transaction",
+                            share_data_id,
+                            transaction_id=record.transaction_id,
+                            accepted=record.accepted,
+                            current_state=state,
+                            share_data=share_data,
+                        ),
+                    )
+                    return TransactionOutcome(record.accepted, record.transaction_id)
                 for _ in range(MAX_EVALUATIONS):
                     share_data = self._share_data.get(share_data_id)
                     if share_data is None:
@@ -414,7 +554,7 @@ class ShareDataManager:
             if entry.users == 0:
                 del self._locks[share_data_id]
 
-    def _emit(self, event: str, share_data: ShareData) -> None:
+    def _announce(self, event: str, share_data: ShareData, *, remote: bool = False) -> None:
         self._emitter.emit(
             event,
             ShareDataEvent(
@@ -422,8 +562,16 @@ class ShareDataManager:
                 share_data.id,
                 current_state=share_data.current_state,
                 share_data=share_data,
+                remote=remote,
             ),
         )
+
+    def _refuse_with_store(self, method: str, instead: str) -> None:
+        if self._replica is not None:
+            raise RuntimeError(
+                f"this manager keeps its ShareData in {self._replica.store!r}: {method} cannot wait for it;"
+                f" use `await manager.{instead}`"
+            )
 
 
 async def _evaluate(function: ShareFunction, state: Any, proposed_data: Any) -> bool:

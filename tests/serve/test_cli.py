@@ -119,10 +119,10 @@ def bad_settings(tmp_path: Path) -> list[tuple[str, list[str], dict[str, str], s
         ("file not TOML", [COUNTER, "--config", toml("c.toml", "port = \n")], {}, "config: "),
         ("file missing", [COUNTER, "--config", str(tmp_path / "missing.toml")], {}, "config: cannot read"),
         (
-            "durable store not available yet",
-            [COUNTER, "--store-url", "sqlite:///x.db"],
+            "store URL naming no file",
+            [COUNTER, "--store-url", "sqlite:///"],
             {},
-            "store_url (--store-url): sqlite:// stores are not available",
+            "store_url (--store-url): sqlite store url 'sqlite:///' names no file",
         ),
         ("unknown store", [COUNTER, "--store-url", "mongodb://x"], {}, "store_url (--store-url): unknown store scheme"),
         (

@@ -1,1 +1,2 @@
-"""Runnable examples: ``python -m safe_fast.examples.loopback_demo``."""
+"""Runnable examples: ``python -m safe_fast.examples.loopback_demo``,
+``python -m safe_fast.examples.cluster_node``."""

@@ -232,6 +232,8 @@ class ServerHub:
         self.proposals_in_flight = 0
         self.propose_observer: Optional[Callable[[str, float], None]] = None
         self.send_observer: Optional[Callable[[int], None]] = None
+        # A manager with a store is read through before every snapshot.
+        self._refresh = manager.refresh if getattr(manager, "store", None) is not None else None
 
     # manager wiring
 
@@ -266,6 +268,10 @@ class ServerHub:
 
     def _on_updated(self, event: Any) -> None:
         share_data_id = event.share_data_id
+        if getattr(event, "remote", False):
+            # Another node replaced it and broadcast `lifecycle updated` itself.
+            self._recorded.pop(share_data_id, None)
+            return
         recorded = self._recorded.get(share_data_id)
         share_data = event.share_data
         history = share_data.transaction_history if share_data is not None else None
@@ -279,8 +285,19 @@ class ServerHub:
     def _on_removed(self, event: Any) -> None:
         share_data_id = event.share_data_id
         self._recorded.pop(share_data_id, None)
+        if getattr(event, "remote", False):
+            # Another node removed it and broadcast `lifecycle removed`; the
+            # frame is on its way through the shared registry: drop this
+            # node's subscribers once it had time to reach them.
+            self.flusher.loop.call_later(REMOTE_REMOVAL_GRACE, self._drop_removed_channel, share_data_id)
+            return
         self._store_call("forget", share_data_id)
         self.broadcast(share_data_id, LifecycleFrame(share_data_id, "removed"))
+        self._drop_removed_channel(share_data_id)
+
+    def _drop_removed_channel(self, share_data_id: str) -> None:
+        if self.manager.get_share_data_by_id(share_data_id) is not None:
+            return  # registered again meanwhile: its subscribers are new ones
         # Terminal: nobody stays subscribed to a ShareData that is gone.
         remove_channel = self._remove_channel
         for connection in list(self.connections.values()):
@@ -292,6 +309,20 @@ class ServerHub:
                     self._run_hook(self.registry.unsubscribe(share_data_id, connection), "registry.unsubscribe")
         if remove_channel is not None:
             self._run_hook(remove_channel(share_data_id), "registry.remove_channel")
+
+    async def refresh(self, share_data_id: str) -> None:
+        """Read ``share_data_id`` through from the manager's store (no-op without one).
+
+        A store that cannot answer within ``READ_THROUGH_TIMEOUT`` leaves the
+        cached copy in use (logged): a snapshot that may lag behind other
+        nodes beats a subscribe held up by a database that is away.
+        """
+        if self._refresh is None:
+            return
+        try:
+            await asyncio.wait_for(self._refresh(share_data_id), READ_THROUGH_TIMEOUT)
+        except Exception as exc:
+            logger.warning("reading %r from the store failed; answering from the cached copy: %r", share_data_id, exc)
 
     def broadcast(self, share_data_id: str, message: ServerMessage) -> None:
         """Hand ``message`` to the registry; never raises into the manager."""
@@ -400,6 +431,14 @@ class ServerHub:
                 if t.cancelled() or t.exception() is None
                 else logger.error("%s failed", what, exc_info=t.exception())
             )
+
+
+READ_THROUGH_TIMEOUT = 2.0
+"""Seconds a subscribe waits for the store's copy of the id before it answers from the cache."""
+
+REMOTE_REMOVAL_GRACE = 2.0
+"""Seconds this node's subscribers of an id another node removed stay
+registered, for that node's `lifecycle removed` frame to reach them."""
 
 
 def _through_snapshot(entries: list[ReplayEntry], since: str, share_data: Any) -> list[ReplayEntry]:
@@ -725,6 +764,9 @@ class ServerConnection(core.Outbox):
                     ErrorFrame("unauthorized-subscribe", f"not authorized to subscribe to {share_data_id}")
                 )
                 return
+        # Rule 3 of a shared store: the snapshot holds every commit
+        # acknowledged anywhere before this subscribe.
+        await hub.refresh(share_data_id)
         if self._state != _OPEN:
             return
         since = message.since  # "" means no cursor

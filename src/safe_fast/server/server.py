@@ -595,6 +595,15 @@ def _unauthorized() -> Any:
     )
 
 
+def _default_replay_store(manager: Any, replay_buffer_size: int) -> ReplayStore:
+    """The stored history when the manager has a store (it survives restarts), else a ring in memory."""
+    if getattr(manager, "store", None) is not None:
+        from ..store.history import HistoryReplayStore
+
+        return HistoryReplayStore(manager, replay_buffer_size)
+    return InMemoryReplayStore(replay_buffer_size)
+
+
 async def attach_realtime_server(
     *,
     manager: Any,
@@ -640,7 +649,10 @@ async def attach_realtime_server(
     (connections the kernel queues until they are accepted); None takes the
     system's ``somaxconn``. ``replay_timeout`` bounds how long a ``subscribe``
     with ``since`` waits for the replay store before it answers ``state`` and
-    ``replay-cursor-not-found``.
+    ``replay-cursor-not-found``. Without ``replay_store``, a manager with a
+    store answers ``since`` from its stored history (the newest
+    ``replay_buffer_size`` records), any other from an in-memory window of
+    that size.
     ``inspector=True`` serves the browser inspector page at ``/`` (see
     ``safe_fast.inspector``).
 
@@ -675,7 +687,7 @@ async def attach_realtime_server(
         authorize_subscribe=authorize_subscribe,
         authorize_propose=authorize_propose,
         registry=registry if registry is not None else InMemoryChannelRegistry(),
-        replay_store=replay_store if replay_store is not None else InMemoryReplayStore(replay_buffer_size),
+        replay_store=replay_store if replay_store is not None else _default_replay_store(manager, replay_buffer_size),
         max_buffered_bytes=max_buffered_bytes,
         heartbeat_interval=heartbeat_interval,
         max_message_size=max_message_size,
