@@ -469,7 +469,7 @@ async def _commit_on(connection: Any, batch: list[CommitItem]) -> list[Any]:
         except Exception as exc:
             if _is_connection_error(exc):
                 raise
-            changes = exc
+            changes = exc  # type: ignore[assignment]
         results.append(False if changes is None else changes)
     return results
 

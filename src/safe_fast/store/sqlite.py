@@ -236,7 +236,7 @@ class SQLiteStore(StoreBase):
                     try:
                         changes = self._changes_sync(share_data_id, incarnation, seq - 1)
                     except Exception as exc:  # a corrupt row fails this commit only
-                        changes = exc
+                        changes = exc  # type: ignore[assignment]
                     results.append(False if changes is None else changes)
             db.execute("COMMIT")
         except BaseException:
