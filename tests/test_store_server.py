@@ -310,6 +310,10 @@ async def test_the_replay_window_is_the_newest_records_of_the_stored_history(tmp
         for cursor in ("4", "8", "0", "05", "x", ""):
             assert window.entries_since("doc", cursor) is None, cursor
         assert window.entries_since("other", "5") is None
+        # "0", before the first transaction, while the window still holds the first.
+        whole = HistoryReplayStore(manager, max_entries_per_share_data=7)
+        assert [e.transaction_id for e in whole.entries_since("doc", "0")] == [str(n) for n in range(1, 8)]
+        assert HistoryReplayStore(manager, max_entries_per_share_data=6).entries_since("doc", "0") is None
         server = await attach_realtime_server(
             manager=manager,
             authenticate=lambda request: {"subject": "test"},

@@ -234,7 +234,7 @@ def test_cursor_rules() -> None:
     h.feed(state("doc", None))
     assert sub.last_transaction_id is None  # a state with null resets it
 
-    h.feed(transaction("doc", "9"))
+    h.feed(transaction("doc", "1"))  # after an empty history: 1 comes next
     h.feed(lifecycle("doc", "removed"))
     assert sub.last_transaction_id is None  # removed resets it
     assert sub.is_detached
@@ -317,8 +317,8 @@ def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> No
     h.sent()
     seen: list[Any] = []
     sub.on("transaction", seen.append)
-    h.feed(state("doc", None))
-    h.feed(transaction("doc", "5"))  # no transaction before: nothing to compare with
+    h.feed(state("doc", "x"))  # a cursor that is not a number: nothing to compare with
+    h.feed(transaction("doc", "5"))
     h.feed(transaction("doc", "6"))
     h.feed(lifecycle("doc", "updated", {"n": 0}))
     h.feed(transaction("doc", "1"))  # a replaced ShareData counts from 1 again
@@ -330,6 +330,35 @@ def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> No
     h.feed(transaction("doc", "9"))
     assert [f.transaction_id for f in seen] == ["5", "6", "1", "2", "x", "y", "9"]
     assert h.sent() == [] and h.errors() == []
+
+
+def test_after_the_state_of_an_empty_history_the_first_live_id_must_be_1() -> None:
+    h = Harness()
+    h.open()
+    sub = h.core.subscribe("doc")
+    h.sent()
+    seen: list[Any] = []
+    sub.on("transaction", seen.append)
+    h.feed(state("doc", None))
+    h.feed(transaction("doc", "3"))  # 1 and 2 were lost on the way
+    # "0": before the first transaction, so the replay can bring 1 and 2.
+    assert h.sent() == [{"v": 1, "type": "subscribe", "shareDataId": "doc", "since": "0"}]
+    assert seen == [] and sub.last_transaction_id is None
+    h.feed(state("doc", "3"))
+    for tid in ("1", "2", "3"):
+        h.feed(transaction("doc", tid, replayed=True))
+    h.feed(transaction("doc", "4"))
+    assert [(f.transaction_id, f.replayed) for f in seen] == [("1", True), ("2", True), ("3", True), ("4", False)]
+    # A reconnect resumes from the cursor as usual; "0" is only for filling a gap.
+    h.core.connection_lost(1001, "going away", now=1.0)
+    h.core.connection_opened(2.0)
+    assert h.sent()[-1] == {"v": 1, "type": "subscribe", "shareDataId": "doc", "since": "4"}
+    # An empty history whose first live frame is 1: in order, no resubscribe.
+    fresh = h.core.subscribe("other")
+    h.sent()
+    h.feed(state("other", None))
+    h.feed(transaction("other", "1"))
+    assert fresh.last_transaction_id == "1" and h.sent() == [] and h.errors() == []
 
 
 def test_every_parsed_frame_reaches_message_listeners_typed() -> None:

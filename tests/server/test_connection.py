@@ -1256,6 +1256,19 @@ async def test_a_peer_that_takes_nothing_overflows_on_what_the_transport_holds(
 # -- heartbeat ----------------------------------------------------------------------------
 
 
+async def test_an_aborted_connection_gets_nothing_more(hub: ServerHub, manager: ShareDataManager) -> None:
+    peer = Peer(hub)
+    peer.send(subscribe())
+    await peer.next()
+    peer.conn.abort()
+    assert peer.conn.is_closing and not peer.conn.subscriptions
+    peer.conn.close(1001, "server shutting down")  # e.g. server.close() before the disconnect lands
+    await apply_transactions(manager, 1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [entry[0] for entry in peer.rec.log if entry[0] != "write"] == ["frame", "disconnect"]
+
+
 async def test_heartbeat_pings_and_terminates_a_silent_peer(hub: ServerHub) -> None:
     answering, silent = Peer(hub), Peer(hub)
     for peer in (answering, silent):

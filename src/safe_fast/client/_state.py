@@ -572,9 +572,11 @@ class ClientProtocol:
             self._send_subscribe(subscription)
         return subscription
 
-    def _send_subscribe(self, subscription: Subscription) -> None:
+    def _send_subscribe(self, subscription: Subscription, since: Optional[str] = None) -> None:
+        """Subscribe on this connection, with ``since`` = the cursor unless given."""
         share_data_id = subscription.share_data_id
-        self._outbox.append(encode_message(Subscribe(share_data_id, subscription.last_transaction_id or None)))
+        since = since if since is not None else subscription.last_transaction_id
+        self._outbox.append(encode_message(Subscribe(share_data_id, since or None)))
         self._awaiting_state.pop(share_data_id, None)
         self._awaiting_state[share_data_id] = None
 
@@ -758,7 +760,7 @@ class ClientProtocol:
                 return
             if order == GAP:
                 # Frames were lost on the way: fetch them, in order, by replay.
-                self._send_subscribe(subscription)
+                self._send_subscribe(subscription, subscription._gap_cursor)
                 return
         overflow = subscription._dispatch(frame)
         if overflow is not None:

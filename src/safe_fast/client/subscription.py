@@ -28,9 +28,15 @@ after cursor ``n`` should be ``n + 1``. One at or below the cursor is a
 duplicate (dropped); one above ``n + 1`` means frames were lost on the way
 (at-most-once fan-out across nodes): the client resubscribes with ``since``
 = the cursor instead of delivering it, and the replay brings the missing
-ones in order. Without a numeric cursor (no transaction yet, an id that is
-not a number) or right after ``lifecycle updated`` (a replaced ShareData may
-count again from 1), the next live frame is taken as it comes.
+ones in order. After a ``state`` of an empty history (``lastTransactionId``
+null) the next live frame should be ``1``; one above it is a gap too, and
+the resubscribe says ``since: "0"``, "before the first transaction", which a
+server whose replay window still reaches back to the first transaction
+answers with all of them (the stored-history window does; any other answers
+``replay-cursor-not-found`` and its fresh ``state`` covers what was missed).
+Without a numeric cursor otherwise (an id that is not a number) or right
+after ``lifecycle updated`` (a replaced ShareData may count again from 1),
+the next live frame is taken as it comes.
 
 The iterator buffer holds at most ``queue_size`` frames. A consumer that
 lets it fill up loses the buffered frames: the buffer is discarded, the
@@ -89,6 +95,7 @@ class Subscription:
         "_owner",
         "_events",
         "_cursor",
+        "_from_start",
         "_renumbered",
         "_detached",
         "_queue",
@@ -108,6 +115,8 @@ class Subscription:
         self._owner = owner
         self._events = EventEmitter()
         self._cursor: Optional[str] = None
+        # The last state was of an empty history: the next live id should be "1".
+        self._from_start = False
         self._renumbered = False
         self._detached = False
         self._queue: deque[ChannelFrame] = deque()
@@ -194,13 +203,18 @@ class Subscription:
         """:data:`IN_ORDER`, :data:`DUPLICATE` or :data:`GAP` for a live transaction with this id."""
         if self._renumbered:
             return IN_ORDER
-        last = _sequence(self._cursor)
+        last = 0 if self._from_start else _sequence(self._cursor)
         current = _sequence(transaction_id)
         if last is None or current is None:
             return IN_ORDER
         if current <= last:
             return DUPLICATE
         return GAP if current > last + 1 else IN_ORDER
+
+    @property
+    def _gap_cursor(self) -> Optional[str]:
+        """``since`` for the resubscribe that fills a gap (``"0"``: before the first transaction)."""
+        return "0" if self._from_start else self._cursor
 
     def _dispatch(self, frame: ChannelFrame) -> Optional[SubscriptionOverflow]:
         """Apply the cursor rules, call the listeners, buffer for the iterator.
@@ -214,12 +228,14 @@ class Subscription:
         kind = frame.type
         if kind == "state":
             self._cursor = frame.last_transaction_id  # type: ignore[union-attr]
+            self._from_start = self._cursor is None
             self._renumbered = False
         elif kind == "transaction":
             if not frame.replayed:  # type: ignore[union-attr]
                 self._cursor = frame.transaction_id  # type: ignore[union-attr]
-                self._renumbered = False
+                self._from_start = self._renumbered = False
         elif kind == "lifecycle":
+            self._from_start = False
             if frame.event == "removed":  # type: ignore[union-attr]
                 self._cursor = None
             else:

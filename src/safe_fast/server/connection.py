@@ -598,19 +598,23 @@ class ServerConnection(core.Outbox):
         if self._state < _CLOSING:
             self._stop(flush=False)
 
-    def _stop(self, flush: bool) -> None:
-        # Everything that must hold from the moment a close frame is decided:
-        # no queued message runs, no live frame is sent, no channel delivers.
+    def _stop(self, flush: bool, *, handshake: bool = True) -> None:
+        # Everything that must hold from the moment a close frame is decided
+        # (or the connection dropped): no queued message runs, no live frame
+        # is sent, no channel delivers.
         self._state = _CLOSING
         self._inbox = None
         self._held_ping = None
         self.close_outbox(flush)
         self._leave_channels()
-        self._resume_reading()  # the peer's close frame must still be read
-        self.call_later(self.hub.close_timeout, self.abort)
+        if handshake:
+            self._resume_reading()  # the peer's close frame must still be read
+            self.call_later(self.hub.close_timeout, self.abort)
 
     def abort(self) -> None:
-        """Drop the TCP connection now (a peer that does not answer)."""
+        """Drop the TCP connection now (a peer that does not answer); nothing is sent on it after."""
+        if self._state < _CLOSING:
+            self._stop(flush=False, handshake=False)
         try:
             self.control.disconnect(False)
         except Exception:

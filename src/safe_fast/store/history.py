@@ -37,12 +37,14 @@ class HistoryReplayStore:
 
     def entries_since(self, share_data_id: str, since: str) -> Optional[list[ReplayEntry]]:
         """The records after ``since``; None unless ``since`` is one of the newest
-        ``max_entries_per_share_data`` transaction ids (canonical decimal)."""
+        ``max_entries_per_share_data`` transaction ids (canonical decimal), or
+        ``"0"`` (before the first transaction) while the window still holds the first."""
         share_data = self.manager.get_share_data_by_id(share_data_id)
         if share_data is None or not since.isdigit() or since != str(int(since)):
             return None
         history = share_data.transaction_history
         cursor = int(since)
-        if not max(1, len(history) - self.max_entries_per_share_data + 1) <= cursor <= len(history):
+        oldest = len(history) - self.max_entries_per_share_data + 1  # the oldest id in the window
+        if not (0 if oldest <= 1 else oldest) <= cursor <= len(history):
             return None
         return [ReplayEntry(record.transaction_id, record.accepted) for record in history[cursor:]]
