@@ -11,14 +11,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd') pyproject.toml setup.py
+SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -path '*/static/*' -type f) pyproject.toml setup.py
 
 # "3.10 /path/to/python3.10 3.11 /path/..." as found on this machine.
 FOUND := $(shell sh .ci/pythons)
 VERSIONS := $(foreach i,$(shell seq 1 2 $(words $(FOUND))),$(word $(i),$(FOUND)))
 NEWEST := $(lastword $(VERSIONS))
 
-.PHONY: venv test test-compiled test-pure pythons demo bench bench-e2e wheel sdist lint clean \
+.PHONY: venv test test-compiled test-pure pythons demo screenshot bench bench-e2e wheel sdist lint clean \
 	$(addprefix test-,$(VERSIONS))
 
 # install_into(venv, interpreter)
@@ -72,6 +72,10 @@ test-pure: venv
 ## Serves until Ctrl-C; DEMO_SECONDS=N stops it after N seconds.
 demo: venv
 	$(PY) -m safe_fast.examples.demo
+
+## The README's picture, docs/images/inspector.png, taken again by its browser test.
+screenshot: venv
+	SAFE_FAST_UPDATE_SCREENSHOT=1 $(PY) -m pytest -q tests/test_inspector.py -k screenshot
 
 ## Benchmarks (pytest-benchmark): micro and end-to-end fan-out, both cores.
 bench: venv
