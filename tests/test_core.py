@@ -282,6 +282,13 @@ def test_a_frame_refused_by_a_failing_schedule_is_not_queued(core: Any) -> None:
 
 
 @pytest.mark.parametrize("core", CORES)
+def test_fanout_to_something_that_is_not_an_outbox_raises(core: Any) -> None:
+    # A registry bug must be an exception in either core, never a crash of the process.
+    with pytest.raises((TypeError, AttributeError)):
+        core.fanout(b"frame", [object()])
+
+
+@pytest.mark.parametrize("core", CORES)
 def test_fanout_survives_collection_changes_during_overflow(core: Any) -> None:
     loop = ManualLoop()
     flusher = core.Flusher(loop)

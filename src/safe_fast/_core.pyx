@@ -284,8 +284,11 @@ cpdef Py_ssize_t fanout(bytes frame, object outboxes) except -1:
     cdef list snapshot = list(outboxes)
     cdef Py_ssize_t i, n = PyList_GET_SIZE(snapshot)
     cdef Py_ssize_t delivered = 0
+    cdef object item
     for i in range(n):
-        if (<Outbox>PyList_GET_ITEM(snapshot, i))._send(frame):
+        item = <object>PyList_GET_ITEM(snapshot, i)
+        # A checked cast: anything but an Outbox is a TypeError, never a crash.
+        if (<Outbox?>item)._send(frame):
             delivered += 1
     return delivered
 

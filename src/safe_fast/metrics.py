@@ -212,6 +212,9 @@ class _CountingReplayStore:
         self._store = store
         self._replayed = counter.labels("replayed").inc
         self._not_found = counter.labels("not_found").inc
+        # Bound here: the broadcast path calls them, and __getattr__ is the slow way.
+        self.record = store.record
+        self.forget = store.forget
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

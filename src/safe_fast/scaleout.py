@@ -511,7 +511,12 @@ class RedisChannelRegistry:
         self._pending_publishes += 1
 
     def remove_connection(self, connection: Any) -> None:
-        for share_data_id in [i for i, subs in self._local.items() if connection in subs]:
+        # The connection's own list (a ServerConnection has one) spares a
+        # scan of every channel per disconnect.
+        channels = getattr(connection, "subscriptions", None)
+        if channels is None:
+            channels = [i for i, subs in self._local.items() if connection in subs]
+        for share_data_id in list(channels):
             self.unsubscribe(share_data_id, connection)
 
     def remove_channel(self, share_data_id: str) -> None:

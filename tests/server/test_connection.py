@@ -1289,3 +1289,34 @@ async def test_heartbeat_skips_closing_connections(hub: ServerHub) -> None:
     peer.conn.close(1000, "")
     peer.conn.heartbeat()
     assert peer.rec.count("ping") == 0
+
+
+def test_the_registry_forgets_a_closed_connection_through_its_own_subscriptions() -> None:
+    registry = InMemoryChannelRegistry()
+
+    class Counting(dict):  # a channel's subscribers, counting membership checks
+        checks = 0
+
+        def __contains__(self, item: object) -> bool:
+            Counting.checks += 1
+            return super().__contains__(item)
+
+    others = [object() for _ in range(50)]
+    for index, other in enumerate(others):
+        registry.subscribe(f"c{index}", other)
+    registry._channels = {key: Counting(value) for key, value in registry._channels.items()}
+
+    class Subscriber:
+        def __init__(self, channels: set[str]) -> None:
+            self.subscriptions = channels
+
+    leaving = Subscriber({"c3", "c7"})
+    for share_data_id in leaving.subscriptions:
+        registry.subscribe(share_data_id, leaving)
+    registry.remove_connection(leaving)
+    assert all(leaving not in registry.subscribers(f"c{i}") for i in range(50))
+    assert Counting.checks == 0  # no scan of every channel
+    # Something without a list of its own is still found (by a scan).
+    plain = others[5]
+    registry.remove_connection(plain)
+    assert registry.subscribers("c5") == []

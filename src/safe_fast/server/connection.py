@@ -647,8 +647,10 @@ class ServerConnection(core.Outbox):
 
     def _leave_channels(self) -> None:
         if self.subscriptions:
+            # The registry may read ``subscriptions`` (then cleared) to find the channels.
+            result = self.hub.registry.remove_connection(self)
             self.subscriptions.clear()
-            self.hub._run_hook(self.hub.registry.remove_connection(self), "registry.remove_connection")
+            self.hub._run_hook(result, "registry.remove_connection")
 
     # incoming
 
