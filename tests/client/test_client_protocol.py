@@ -310,13 +310,19 @@ def test_a_live_frame_that_skips_ahead_resubscribes_from_the_cursor() -> None:
     assert h.sent() == [] and h.errors() == []
 
 
-def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> None:
+def subscribed_to_transactions() -> tuple[Harness, Any, list[Any]]:
+    """An open harness subscribed to ``doc`` (its subscribe taken), and the transactions its listener sees."""
     h = Harness()
     h.open()
     sub = h.core.subscribe("doc")
     h.sent()
     seen: list[Any] = []
     sub.on("transaction", seen.append)
+    return h, sub, seen
+
+
+def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> None:
+    h, sub, seen = subscribed_to_transactions()
     h.feed(state("doc", "x"))  # a cursor that is not a number: nothing to compare with
     h.feed(transaction("doc", "5"))
     h.feed(transaction("doc", "6"))
@@ -333,12 +339,7 @@ def test_gap_detection_needs_a_numeric_cursor_and_restarts_after_updated() -> No
 
 
 def test_after_the_state_of_an_empty_history_the_first_live_id_must_be_1() -> None:
-    h = Harness()
-    h.open()
-    sub = h.core.subscribe("doc")
-    h.sent()
-    seen: list[Any] = []
-    sub.on("transaction", seen.append)
+    h, sub, seen = subscribed_to_transactions()
     h.feed(state("doc", None))
     h.feed(transaction("doc", "3"))  # 1 and 2 were lost on the way
     # "0": before the first transaction, so the replay can bring 1 and 2.
