@@ -1,16 +1,31 @@
-"""What an idle connection keeps: no ``__dict__``, no copy of the handshake, and the request still whole for the application.
+"""What an idle connection keeps: no ``__dict__``, no copy of the handshake,
+picows' buffers given back, and the request still whole for the application.
 
 The bytes themselves are measured by ``benchmarks/memory_per_connection.py``;
-these tests pin the layout that figure depends on.
+these tests pin the layout that figure depends on, and that a connection
+whose buffers were trimmed still reads and writes everything.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, AsyncIterator
 
 from safe_fast import UpgradeRequest
-from server_helpers import DEADLINE, RawClient, ServerFactory
+from safe_fast.server import picows_buffers
+from safe_fast.server.picows_buffers import READ_CAPACITY
+from server_helpers import (
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    DEADLINE,
+    RawClient,
+    ServerFactory,
+    client_frame,
+    propose,
+    wait_until,
+)
 
 
 async def open_subscribed(server: Any) -> RawClient:
@@ -60,3 +75,100 @@ async def test_picows_keeps_no_handshake_headers_but_authenticate_got_them_whole
         await asyncio.wait_for(closing, DEADLINE)
     finally:
         client.transport.abort()
+
+
+# picows' buffers (server/picows_buffers.py)
+
+
+def buffers(websocket: Any) -> Any:
+    """(read buffer capacity, write buffer capacity) of a picows WSTransport."""
+    return picows_buffers.buffer_state(websocket)
+
+
+async def given_back(websocket: Any, what: str = "the read buffer given back") -> None:
+    await wait_until(lambda: buffers(websocket) == (READ_CAPACITY, 0), what)
+
+
+@contextlib.asynccontextmanager
+async def trimmed_connection(
+    server_factory: ServerFactory, **options: Any
+) -> AsyncIterator[tuple[Any, RawClient, Any]]:
+    """A server, a subscribed client, and its picows WSTransport once its buffers are trimmed."""
+    server = await server_factory(**options)
+    client = await open_subscribed(server)
+    try:
+        (connection,) = server.connections
+        websocket = connection.control.transport
+        await given_back(websocket, "picows' buffers trimmed")
+        yield server, client, websocket
+    finally:
+        client.transport.abort()
+
+
+def test_the_installed_picows_is_one_whose_buffers_are_trimmed() -> None:
+    # Fails on a picows not in VERIFIED_PICOWS: compare its picows.pxd
+    # (MemoryBuffer, WSTransport) and its buffer use with picows_buffers.py first.
+    assert picows_buffers.active()
+
+
+async def test_an_idle_connection_gives_picows_buffers_back_and_control_frames_still_flow(
+    server_factory: ServerFactory,
+) -> None:
+    async with trimmed_connection(server_factory, heartbeat_interval=0.05) as (server, client, websocket):
+        # Pongs (echoing the longest payload a ping may have) and the
+        # heartbeat's pings are framed by the server, not by picows.
+        payload = bytes(range(125))
+        client.send(OP_PING, payload)
+        for _ in range(100):
+            _fin, opcode, data = await client.recv()
+            if opcode == OP_PONG:
+                assert data == payload
+                break
+        else:
+            raise AssertionError("no pong")
+        await wait_until(lambda: client.pings >= 3, "three heartbeat pings")
+        assert buffers(websocket) == (READ_CAPACITY, 0)
+        assert server.connections, "the heartbeat's pings were answered"
+        # The close frame goes through picows' write buffer, allocated again for it.
+        closing = asyncio.ensure_future(server.close())
+        code, _reason = await client.close_frame()
+        assert code == 1001
+        await client.finish_close()
+        await asyncio.wait_for(closing, DEADLINE)
+
+
+async def test_a_large_message_grows_the_read_buffer_and_it_is_given_back(server_factory: ServerFactory) -> None:
+    async with trimmed_connection(server_factory) as (_server, client, websocket):
+        for round_ in range(3):
+            result = await client.request(propose("inc", {"pad": "x" * 200_000}, correlation_id=f"big-{round_}"))
+            assert result["type"] == "proposal-result" and result["accepted"], result
+            assert result["correlationId"] == f"big-{round_}"
+            await given_back(websocket)
+
+
+async def test_pipelined_requests_are_all_answered_and_the_buffer_given_back(server_factory: ServerFactory) -> None:
+    async with trimmed_connection(server_factory) as (_server, client, websocket):
+        pings = (client_frame(OP_TEXT, b'{"v":1,"type":"ping","correlationId":"p%d"}' % i) for i in range(500))
+        client.send_raw(b"".join(pings))
+        for i in range(500):
+            pong = (await client.recv_message())[1]
+            assert pong == {"v": 1, "type": "pong", "correlationId": f"p{i}"}
+        await given_back(websocket)
+
+
+async def test_a_read_buffer_holding_part_of_a_message_is_left_as_it_is(server_factory: ServerFactory) -> None:
+    async with trimmed_connection(server_factory) as (_server, client, websocket):
+        frame = client_frame(OP_TEXT, propose("inc", {"pad": "y" * 4000}, correlation_id="split").encode())
+        client.send_raw(frame[:3000])
+        await wait_until(lambda: buffers(websocket)[0] > READ_CAPACITY, "the first part read")
+        grown = buffers(websocket)
+        picows_buffers.trim(websocket)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert buffers(websocket) == grown
+        client.send_raw(frame[3000:])
+        result = await client.request(propose("inc", None, correlation_id="after"))
+        # The first message came through whole, then the second.
+        assert result["correlationId"] == "split" and result["accepted"], result
+        assert (await client.recv_message())[1]["correlationId"] == "after"
+        await given_back(websocket)

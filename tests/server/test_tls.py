@@ -18,7 +18,8 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect as ws_connect
 
 from safe_fast import RealtimeClient
-from server_helpers import DEADLINE, ServerFactory
+from safe_fast.server import picows_buffers
+from server_helpers import DEADLINE, ServerFactory, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,36 @@ async def test_a_plain_client_cannot_talk_to_a_wss_listener(
 async def test_ssl_must_be_an_ssl_context(server_factory: ServerFactory) -> None:
     with pytest.raises(TypeError, match="ssl must be an ssl.SSLContext"):
         await server_factory(ssl=True)
+
+
+async def test_picows_buffers_are_given_back_behind_tls_too(
+    server_factory: ServerFactory, certificate: tuple[Path, Path]
+) -> None:
+    server_context, client_context = contexts(certificate)
+    server = await server_factory(ssl=server_context)
+    async with ws_connect(server.url, ssl=client_context, max_size=None) as peer:
+        await peer.send(json.dumps({"v": 1, "type": "subscribe", "shareDataId": "doc"}))
+        assert json.loads(await asyncio.wait_for(peer.recv(), DEADLINE))["type"] == "state"
+        (connection,) = server.connections
+        websocket = connection.control.transport
+        idle = (picows_buffers.READ_CAPACITY, 0)
+        await wait_until(lambda: picows_buffers.buffer_state(websocket) == idle, "picows' buffers trimmed")
+        for i in range(2):
+            await peer.send(
+                json.dumps(
+                    {
+                        "v": 1,
+                        "type": "propose",
+                        "shareDataId": "doc",
+                        "functionId": "inc",
+                        "proposedData": {"pad": "z" * 100_000},
+                        "correlationId": f"c{i}",
+                    }
+                )
+            )
+            for _ in range(10):
+                message = json.loads(await asyncio.wait_for(peer.recv(), DEADLINE))
+                if message["type"] == "proposal-result":
+                    break
+            assert message["correlationId"] == f"c{i}" and message["accepted"], message
+            await wait_until(lambda: picows_buffers.buffer_state(websocket) == idle, "the read buffer given back")

@@ -41,6 +41,7 @@ from .connection import (
 )
 from .http import HttpHandler, HttpResponse, is_websocket_upgrade, to_picows_response
 from .listen import AcceptFailureLog, resolve_backlog
+from .picows_buffers import GROWS_AT, BufferTrimmer
 from .request import UpgradeRequest, query_parameters
 
 __all__ = ["attach_realtime_server", "RealtimeServer", "use_uvloop"]
@@ -53,6 +54,11 @@ _CONTINUATION = picows.WSMsgType.CONTINUATION
 _CLOSE = picows.WSMsgType.CLOSE
 _PING = picows.WSMsgType.PING
 _PONG = picows.WSMsgType.PONG
+
+# Pings and pongs are framed here rather than by picows, whose send_ping and
+# send_pong would allocate its write buffer again (see picows_buffers.py).
+_PING_FRAME = b"\x89\x00"
+_PONG_OPCODE = 0x8A
 
 _VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 """Close codes a peer may send (RFC 6455 §7.4, with IANA's 1012–1014), besides 3000–4999.
@@ -145,6 +151,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         )
         self.connection = connection
         connection.opened()
+        server._trimmer.schedule(transport)
         if self.pending_auth is not None:
             task = asyncio.ensure_future(server._finish_auth(connection, self.pending_auth))
             server._tasks.add(task)
@@ -187,6 +194,9 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         if connection is None:
             return
         msg_type = frame.msg_type
+        if frame.payload_size >= GROWS_AT or not frame.last_in_buffer:
+            # picows' read buffer may have grown for this read: give it back once read.
+            self.server._trimmer.schedule(transport)
         if connection.is_closing or transport.is_close_frame_sent:
             # After a close frame (ours, or one picows sent for a framing
             # error it found, while it goes on parsing what was already on
@@ -279,10 +289,11 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.transport.disconnect(graceful)
 
     def send_ping(self) -> None:
-        self.transport.send_ping()
+        self.transport.underlying_transport.write(_PING_FRAME)
 
     def send_pong(self, payload: bytes) -> None:
-        self.transport.send_pong(payload)
+        # picows refuses a ping of over 125 bytes (1002), so the length fits the first byte.
+        self.transport.underlying_transport.write(bytes((_PONG_OPCODE, len(payload))) + payload)
 
     def pause_reading(self) -> None:
         self.transport.underlying_transport.pause_reading()
@@ -359,6 +370,7 @@ class RealtimeServer:
         self._closed = False
         self._closing: Optional[asyncio.Future[None]] = None
         self._http_routes: dict[str, HttpHandler] = {}
+        self._trimmer = BufferTrimmer(self._loop)
         self._accept_failures = AcceptFailureLog(logger, self._loop, lambda: len(self._hub.connections))
         self.host = ""
         self.port = 0
