@@ -154,13 +154,25 @@ class ServingProgram:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.errors: list[str] = []
+        # Both pipes are read by threads of their own, to the end: nothing
+        # else reads or closes them while those threads run.
+        self.readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_errors, daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.put(line)
         self.lines.put(None)
+
+    def _read_errors(self) -> None:
+        assert self.process.stderr is not None
+        self.errors.extend(self.process.stderr)
 
     def wait_for_url(self, port: int) -> None:
         while True:
@@ -175,18 +187,24 @@ class ServingProgram:
                 return
 
     def stderr(self) -> str:
-        return self.process.stderr.read() if self.process.stderr and self.process.poll() is not None else ""
+        """What the program wrote to stderr, once it has ended ("" while it runs)."""
+        if self.process.poll() is None:
+            return ""
+        for reader in self.readers:
+            reader.join(PROGRAM_BOUND)
+        return "".join(self.errors)
 
     def interrupt(self) -> None:
         """SIGINT, as Ctrl-C; the program must end cleanly within the bound."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         try:
-            _, errors = self.process.communicate(timeout=PROGRAM_BOUND)
+            self.process.wait(timeout=PROGRAM_BOUND)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
             raise AssertionError(f"{self.block.where} did not stop on SIGINT within {PROGRAM_BOUND} s") from None
+        errors = self.stderr()
         assert self.process.returncode == 0, f"{self.block.where} exited {self.process.returncode}: {errors}"
         assert "Traceback" not in errors, f"{self.block.where}:\n{errors}"
 

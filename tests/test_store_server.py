@@ -160,6 +160,36 @@ async def test_a_snapshot_on_another_node_holds_every_acknowledged_commit(durabl
         await node_b.stop()
 
 
+async def test_a_snapshot_that_holds_a_commit_does_not_get_it_live_again(store_url: str) -> None:
+    """STORE.md rule 4 with the in-memory registry: a subscribe's read-through
+    can bring a record before the commit that wrote it is announced."""
+    node = await Node(store_url).start()
+    committed, announce = asyncio.Event(), asyncio.Event()
+    store_commit = node.store.commit
+
+    async def commit_then_wait(*args: Any, **kwargs: Any) -> Any:
+        # The record is in the store (durably); its announcement waits.
+        lost = await store_commit(*args, **kwargs)
+        committed.set()
+        await announce.wait()
+        return lost
+
+    node.store.commit = commit_then_wait  # type: ignore[method-assign]
+    try:
+        async with node.connect() as proposer, node.connect() as watcher:
+            proposing = asyncio.ensure_future(propose(proposer, {"v": 1}, "p1"))
+            await asyncio.wait_for(committed.wait(), DEADLINE)
+            state = await subscribe(watcher)
+            assert (state["lastTransactionId"], state["currentState"]) == ("1", {"v": 1})
+            announce.set()
+            assert (await asyncio.wait_for(proposing, DEADLINE))["transactionId"] == "1"
+            assert (await propose(proposer, {"v": 2}, "p2"))["transactionId"] == "2"
+            live = await recv(watcher)
+            assert (live["type"], live["transactionId"], live["currentState"]) == ("transaction", "2", {"v": 2})
+    finally:
+        await node.stop()
+
+
 class TcpProxy:
     """127.0.0.1:<port> -> target. ``cut()`` aborts every connection and refuses
     new ones; ``stall()`` holds every byte (a database that stops answering)

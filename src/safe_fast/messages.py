@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import orjson
 
@@ -50,6 +50,7 @@ __all__ = [
     "encode_json",
     "json_rendering",
     "decode_json",
+    "transaction_number",
 ]
 
 PROTOCOL_VERSION = 1
@@ -70,6 +71,16 @@ CLOSE_REASONS: dict[int, str] = {
     CLOSE_INVALID_MESSAGE: "invalid message",
 }
 """The close reason the server sends with each application close code."""
+
+
+def transaction_number(transaction_id: Any) -> Optional[int]:
+    """The number of a decimal transaction id (``"12"`` -> 12); None for any other id.
+
+    Ids of one ShareData count 1, 2, 3…: compared as numbers, never as strings.
+    """
+    if type(transaction_id) is str and transaction_id.isdigit() and transaction_id.isascii():
+        return int(transaction_id)
+    return None
 
 
 class InvalidMessage(ValueError):

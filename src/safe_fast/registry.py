@@ -12,6 +12,17 @@ objects: ``send_frame(frame_bytes)`` queues an encoded frame,
 The built-in registries call ``fanout_observer(deliveries, frame_bytes)``,
 when one is set, once per fan-out (never per subscriber): the metrics count
 deliveries through it.
+
+They also keep STORE.md's rule 4, "never a transaction the subscriber's
+snapshot already holds": with a store, a subscribe's read-through may bring
+a record into the manager before the commit that wrote it is announced, so
+the snapshot holds transaction *n* and the announcement of *n* follows. A
+registry notes, per subscriber, the number of the last transaction in the
+snapshot it took (:func:`snapshot_number`) and, per channel, an upper bound
+of those numbers: a transaction above the bound goes to every subscriber
+with no work per subscriber; one at or below it (the rare race) skips the
+subscribers whose snapshot holds it. A ``lifecycle`` frame starts a new
+history (ids may count from 1 again), so it resets the numbers.
 """
 
 from __future__ import annotations
@@ -19,9 +30,12 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable, Optional, Protocol, Union, runtime_checkable
 
 from ._backend import core
-from .messages import ServerMessage, encode_message
+from .messages import ServerMessage, encode_message, transaction_number
 
 __all__ = ["ChannelRegistry", "InMemoryChannelRegistry", "FanoutObserver", "encode_broadcast_frame"]
+
+NO_TRANSACTION = -1
+"""The number of "no transaction yet" (ids count from 1)."""
 
 FanoutObserver = Callable[[int, int], None]
 """Called once per fan-out with the subscribers that took the frame and the frame's size."""
@@ -30,6 +44,32 @@ FanoutObserver = Callable[[int, int], None]
 def encode_broadcast_frame(message: ServerMessage | dict[str, Any]) -> bytes:
     """The complete text frame for ``message``, to write to every subscriber."""
     return core.encode_frame(encode_message(message))
+
+
+def kind_and_number(message: Any) -> tuple[Any, Optional[int]]:
+    """A message's ``type`` and, for a ``transaction``, its id as a number."""
+    if isinstance(message, dict):
+        kind = message.get("type")
+        return kind, transaction_number(message.get("transactionId")) if kind == "transaction" else None
+    kind = message.type
+    return kind, transaction_number(message.transaction_id) if kind == "transaction" else None
+
+
+def snapshot_number(connection: Any, share_data_id: str) -> Optional[int]:
+    """The ``lastTransactionId`` of the snapshot a server connection is about to get, as a number.
+
+    The server registers a subscriber and takes its ``state`` frame from its
+    manager with no ``await`` in between, so the manager holds that snapshot
+    now. None when the connection is not a server connection.
+    """
+    manager = getattr(getattr(connection, "hub", None), "manager", None)
+    if manager is None:
+        return None
+    share_data = manager.get_share_data_by_id(share_data_id)
+    if share_data is None:
+        return None
+    number = transaction_number(share_data.last_transaction_id)
+    return NO_TRANSACTION if number is None else number
 
 
 @runtime_checkable
@@ -55,12 +95,21 @@ class InMemoryChannelRegistry:
 
     def __init__(self) -> None:
         # An insertion-ordered dict per channel: O(1) add/remove, and frames
-        # go out to subscribers in the order they subscribed.
-        self._channels: dict[str, dict[Any, None]] = {}
+        # go out to subscribers in the order they subscribed. Each subscriber
+        # maps to the number of the last transaction its snapshot holds.
+        self._channels: dict[str, dict[Any, int]] = {}
+        # Per channel, an upper bound of those numbers (see the module doc).
+        self._newest: dict[str, int] = {}
         self.fanout_observer: Optional[FanoutObserver] = None
 
     def subscribe(self, share_data_id: str, connection: Any) -> None:
-        self._channels.setdefault(share_data_id, {})[connection] = None
+        # Again for a subscriber already here (it keeps its place): it has just taken a new snapshot.
+        snapshot = snapshot_number(connection, share_data_id)
+        if snapshot is None:
+            snapshot = NO_TRANSACTION
+        self._channels.setdefault(share_data_id, {})[connection] = snapshot
+        if snapshot > self._newest.get(share_data_id, NO_TRANSACTION):
+            self._newest[share_data_id] = snapshot
 
     def unsubscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._channels.get(share_data_id)
@@ -68,17 +117,27 @@ class InMemoryChannelRegistry:
             subscribers.pop(connection, None)
             if not subscribers:
                 del self._channels[share_data_id]
+                self._newest.pop(share_data_id, None)
 
     def broadcast(self, share_data_id: str, message: Any) -> None:
         subscribers = self._channels.get(share_data_id)
-        if subscribers:
-            frame = encode_broadcast_frame(message)
-            delivered = core.fanout(frame, subscribers)
-            if self.fanout_observer is not None:
-                self.fanout_observer(delivered, len(frame))
+        if not subscribers:
+            return
+        kind, number = kind_and_number(message)
+        if number is not None:
+            if number <= self._newest.get(share_data_id, NO_TRANSACTION):
+                # Someone's snapshot already holds it: skip them.
+                subscribers = {connection: seen for connection, seen in subscribers.items() if seen < number}
+        elif kind == "lifecycle" and self._newest.pop(share_data_id, NO_TRANSACTION) != NO_TRANSACTION:
+            for connection in subscribers:
+                subscribers[connection] = NO_TRANSACTION
+        frame = encode_broadcast_frame(message)
+        delivered = core.fanout(frame, subscribers)
+        if self.fanout_observer is not None:
+            self.fanout_observer(delivered, len(frame))
 
     def broadcast_frame(self, share_data_id: str, frame: bytes) -> None:
-        """Fan out an already-encoded frame."""
+        """Fan out an already-encoded frame, to every subscriber (it carries no number to check)."""
         subscribers = self._channels.get(share_data_id)
         if subscribers:
             delivered = core.fanout(frame, subscribers)
@@ -97,6 +156,7 @@ class InMemoryChannelRegistry:
     def remove_channel(self, share_data_id: str) -> None:
         """Drop every subscriber of ``share_data_id`` (after ``lifecycle removed``)."""
         self._channels.pop(share_data_id, None)
+        self._newest.pop(share_data_id, None)
 
     def subscribers(self, share_data_id: str) -> list[Any]:
         """The connections subscribed to ``share_data_id``."""

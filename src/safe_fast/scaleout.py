@@ -76,6 +76,7 @@ import orjson
 
 from ._backend import core
 from .messages import InvalidMessage, ServerMessage, decode_json, encode_message, parse_server_message
+from .registry import NO_TRANSACTION, kind_and_number, snapshot_number
 from .replay import ReplayEntry
 
 __all__ = ["RedisChannelRegistry", "RedisReplayStore", "CorruptReplayEntry"]
@@ -290,41 +291,6 @@ class RedisReplayStore:
 _PUBLISH, _SUBSCRIBE, _UNSUBSCRIBE, _BARRIER = range(4)
 _POLL_SECONDS = 1.0
 """Longest a pub/sub read waits before the reader looks at its state again."""
-_NO_ID = -1
-"""The sequence number of "no transaction yet" (ids count from 1)."""
-
-
-def _sequence(transaction_id: Any) -> Optional[int]:
-    """The number of a decimal transaction id ("12" -> 12); None for any other id."""
-    if type(transaction_id) is str and transaction_id.isdigit() and transaction_id.isascii():
-        return int(transaction_id)
-    return None
-
-
-def _kind_and_sequence(message: Any) -> tuple[Any, Optional[int]]:
-    """A message's ``type`` and, for a ``transaction``, its id as a number."""
-    if isinstance(message, dict):
-        kind = message.get("type")
-        return kind, _sequence(message.get("transactionId")) if kind == "transaction" else None
-    kind = message.type
-    return kind, _sequence(message.transaction_id) if kind == "transaction" else None
-
-
-def _snapshot_sequence(connection: Any, share_data_id: str) -> Optional[int]:
-    """The ``lastTransactionId`` of the snapshot a server connection is about to get, as a number.
-
-    The server registers a subscriber and takes its ``state`` frame from its
-    manager with no ``await`` in between, so the manager holds that snapshot
-    now. None when the connection is not a server connection.
-    """
-    manager = getattr(getattr(connection, "hub", None), "manager", None)
-    if manager is None:
-        return None
-    share_data = manager.get_share_data_by_id(share_data_id)
-    if share_data is None:
-        return None
-    sequence = _sequence(share_data.last_transaction_id)
-    return _NO_ID if sequence is None else sequence
 
 
 class _Delivery:
@@ -333,9 +299,9 @@ class _Delivery:
     __slots__ = ("mark", "newest", "own")
 
     def __init__(self) -> None:
-        self.mark = _NO_ID
+        self.mark = NO_TRANSACTION
         """The highest transaction id delivered here in this epoch."""
-        self.newest = _NO_ID
+        self.newest = NO_TRANSACTION
         """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
         self.own: deque[Any] = deque()
         """This node's PUBLISHes whose echo has not come back: ids, or payloads for frames without one."""
@@ -456,7 +422,7 @@ class RedisChannelRegistry:
         # Again for a subscriber already here (it keeps its place): it has just
         # taken a new snapshot. Without one to read, what this node delivered
         # so far stands for it.
-        snapshot = _snapshot_sequence(connection, share_data_id)
+        snapshot = snapshot_number(connection, share_data_id)
         if snapshot is None:
             snapshot = delivery.mark
         subscribers[connection] = snapshot
@@ -483,7 +449,7 @@ class RedisChannelRegistry:
         delivery = self._deliveries.get(share_data_id)
         echo: Any = None
         if delivery is not None:
-            kind, sequence = _kind_and_sequence(message)
+            kind, sequence = kind_and_number(message)
             echo = payload if sequence is None else sequence
             subscribers = self._local.get(share_data_id)
             if subscribers:
@@ -900,7 +866,7 @@ class RedisChannelRegistry:
         except InvalidMessage as exc:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
-        kind, sequence = _kind_and_sequence(message)
+        kind, sequence = kind_and_number(message)
         own = delivery.own
         if own and self._own_echo(own, payload if sequence is None else sequence):
             return  # delivered here when it was broadcast
@@ -942,7 +908,7 @@ class RedisChannelRegistry:
     @staticmethod
     def _new_epoch(delivery: _Delivery, subscribers: Optional[dict[Any, int]]) -> None:
         """After a ``lifecycle`` frame the ids may start again from 1: forget the marks."""
-        delivery.mark = delivery.newest = _NO_ID
+        delivery.mark = delivery.newest = NO_TRANSACTION
         if subscribers:
             for connection in subscribers:
-                subscribers[connection] = _NO_ID
+                subscribers[connection] = NO_TRANSACTION

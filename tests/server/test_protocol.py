@@ -396,6 +396,19 @@ async def test_lifecycle_updated_carries_current_state(server_factory: ServerFac
         )
 
 
+async def test_after_a_replacement_ids_from_1_reach_subscribers_whose_snapshot_was_further(
+    server_factory: ServerFactory, manager: ShareDataManager
+) -> None:
+    server = await server_factory()
+    await apply_transactions(manager, 3)
+    async with connect(server) as ws:
+        assert (await subscribed(ws))["lastTransactionId"] == "3"
+        manager.update_share_data(make_doc(state={"count": 0}))  # a new history: ids count from 1 again
+        assert json.loads(await recv_raw(ws))["type"] == "lifecycle"
+        await apply_transactions(manager, 2)
+        assert [json.loads(await recv_raw(ws))["transactionId"] for _ in range(2)] == ["1", "2"]
+
+
 async def test_lifecycle_removed_is_the_last_frame_and_forgets_the_window(server_factory: ServerFactory, manager: ShareDataManager) -> None:
     server = await server_factory()
     async with connect(server) as first, connect(server) as second:

@@ -54,7 +54,7 @@ from collections import deque
 from typing import Optional, Protocol, Union
 
 from .._events import EventEmitter, Listener
-from ..messages import LifecycleFrame, StateFrame, TransactionFrame
+from ..messages import LifecycleFrame, StateFrame, TransactionFrame, transaction_number
 from .errors import SubscriptionOverflow
 
 __all__ = ["Subscription", "ChannelFrame", "IN_ORDER", "DUPLICATE", "GAP"]
@@ -66,12 +66,6 @@ _EVENTS = ("state", "transaction", "lifecycle")
 
 IN_ORDER, DUPLICATE, GAP = range(3)
 """Where a live transaction frame stands against the cursor (see the module doc)."""
-
-
-def _sequence(transaction_id: Optional[str]) -> Optional[int]:
-    if transaction_id is not None and transaction_id.isdigit() and transaction_id.isascii():
-        return int(transaction_id)
-    return None
 
 
 class _Owner(Protocol):
@@ -203,8 +197,8 @@ class Subscription:
         """:data:`IN_ORDER`, :data:`DUPLICATE` or :data:`GAP` for a live transaction with this id."""
         if self._renumbered:
             return IN_ORDER
-        last = 0 if self._from_start else _sequence(self._cursor)
-        current = _sequence(transaction_id)
+        last = 0 if self._from_start else transaction_number(self._cursor)
+        current = transaction_number(transaction_id)
         if last is None or current is None:
             return IN_ORDER
         if current <= last:
