@@ -261,6 +261,32 @@ async def test_a_ping_during_an_async_authenticate_never_precedes_its_4002(start
         client.transport.abort()
 
 
+async def test_a_ping_held_during_authenticate_is_not_answered_after_picows_own_close(start_server: Any) -> None:
+    admitted = asyncio.Event()
+
+    async def authenticate(request: Any) -> Any:
+        await admitted.wait()
+        return {"subject": "late"}
+
+    server = await start_server(ShareDataManager(), authenticate=authenticate)
+    client = await RawClient.open(server.port, deadline=DEADLINE)
+    try:
+        client.send(OP_PING, b"held")  # held while authenticating
+        (connection,) = server.connections
+        client.send_raw(b"\x81\x00")  # an unmasked frame: picows sends 1002 itself
+        await wait_until(lambda: connection.websocket.is_close_frame_sent, "picows' own close frame")
+        admitted.set()  # authenticate returns before the connection is dropped
+        frames = []
+        for _ in range(100):
+            frame = await client.recv()
+            if frame is None:
+                break
+            frames.append(frame[1])
+        assert frames == [OP_CLOSE], frames
+    finally:
+        client.transport.abort()
+
+
 @pytest.mark.parametrize("violation, code", [(b"not json", 4004), (b"\xff\xfe", 1007)])
 async def test_a_propose_after_a_violation_in_the_same_write_is_not_applied(
     start_server: Any, raw_clients: RawClientFactory, violation: bytes, code: int

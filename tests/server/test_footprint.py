@@ -162,7 +162,7 @@ async def test_a_read_buffer_holding_part_of_a_message_is_left_as_it_is(server_f
         client.send_raw(frame[:3000])
         await wait_until(lambda: buffers(websocket)[0] > READ_CAPACITY, "the first part read")
         grown = buffers(websocket)
-        picows_buffers.trim(websocket)
+        assert picows_buffers.trim(websocket) is False  # busy: to be tried again
         for _ in range(10):
             await asyncio.sleep(0)
         assert buffers(websocket) == grown
@@ -172,3 +172,21 @@ async def test_a_read_buffer_holding_part_of_a_message_is_left_as_it_is(server_f
         assert result["correlationId"] == "split" and result["accepted"], result
         assert (await client.recv_message())[1]["correlationId"] == "after"
         await given_back(websocket)
+
+
+async def test_a_buffer_busy_when_its_trim_came_is_given_back_with_the_next_message(
+    server_factory: ServerFactory,
+) -> None:
+    async with trimmed_connection(server_factory) as (server, client, websocket):
+        # The large message's read also brings the first bytes of the next
+        # one, which is short: its trim finds them unread.
+        first = client_frame(OP_TEXT, b'{"v":1,"type":"ping","correlationId":"%s"}' % (b"x" * 300_000))
+        second = client_frame(OP_TEXT, b'{"v":1,"type":"ping","correlationId":"s"}')
+        client.send_raw(first + second[:3])
+        assert (await client.recv_message())[1]["type"] == "pong"
+        await wait_until(lambda: websocket in server._trimmer.skipped, "the trim put off")
+        assert buffers(websocket)[0] > READ_CAPACITY
+        client.send_raw(second[3:])
+        assert (await client.recv_message())[1] == {"v": 1, "type": "pong", "correlationId": "s"}
+        await given_back(websocket)
+        assert websocket not in server._trimmer.skipped

@@ -23,9 +23,13 @@ moments when picows is not using them:
   upgrade, and after a read that may have made the buffer grow (a message
   of :data:`GROWS_AT` bytes or more, or several messages in one read) and
   left nothing behind. picows grows it again by doubling when a read needs
-  more, as it always does. (A buffer grown by a read that ended inside a
-  short message waits for the connection's next large message or
-  pipelined read.)
+  more, as it always does. A connection whose buffer was busy (unread bytes
+  of the next message, or a write still queued in the transport) is tried
+  again with its next frame.
+
+A trim costs a few microseconds (pure Python): once per connection, then
+once per message of :data:`GROWS_AT` bytes or more, on the receiving side
+only. The broadcast path never touches picows' buffers.
 
 Both buffers are picows ``MemoryBuffer`` objects. Their fields (after the
 object header and the Cython vtable pointer: ``size``, ``capacity``,
@@ -74,10 +78,12 @@ has a header of 6 bytes or more."""
 _SIZE, _CAPACITY, _DATA = 24, 32, 40
 _BASICSIZE = 48
 
-_malloc = ctypes.pythonapi.PyMem_Malloc
+# Function objects of our own (item access makes new ones; attribute access
+# would set the types on ctypes.pythonapi's shared ones, for every module).
+_malloc = ctypes.pythonapi["PyMem_Malloc"]
 _malloc.restype = ctypes.c_void_p
 _malloc.argtypes = (ctypes.c_size_t,)
-_free = ctypes.pythonapi.PyMem_Free
+_free = ctypes.pythonapi["PyMem_Free"]
 _free.restype = None
 _free.argtypes = (ctypes.c_void_p,)
 
@@ -132,62 +138,77 @@ def buffer_state(websocket: Any) -> Optional[tuple[int, int]]:
     return _fields(read)[1], _fields(write)[1]
 
 
-def _release_write_buffer(websocket: Any) -> None:
-    if websocket.underlying_transport.get_write_buffer_size():
-        # A large picows send hands the transport a view of this buffer;
-        # it may still be queued there.
-        return
+def _release_write_buffer(websocket: Any) -> bool:
+    """Free the write buffer; False if it must wait (the transport may still hold a view of it)."""
     buffer = _buffer_of(websocket)
     if buffer is None:
-        return
+        return True
     size, capacity, data = _fields(buffer)
     if not data or not 0 <= size <= capacity:
-        return
+        return True
+    if websocket.underlying_transport.get_write_buffer_size():
+        # A large picows send hands the transport a view of this buffer.
+        return False
     _set_fields(buffer, 0, 0, 0)
     _free(data)
+    return True
 
 
-def _shrink_read_buffer(protocol: Any) -> None:
+def _shrink_read_buffer(protocol: Any) -> bool:
+    """Shrink the read buffer; False if it must wait (it holds unread bytes)."""
     buffer = _buffer_of(protocol)
     if buffer is None:
-        return
+        return True
     size, capacity, data = _fields(buffer)
-    if capacity <= READ_CAPACITY or not data:
-        return
+    if capacity <= READ_CAPACITY or not data or not size or size + 256 > capacity:
+        return True  # small already (or the layout is not what it seems: leave it)
     # What picows would read into next: its unread bytes end where this starts.
     free = protocol.get_buffer(-1)
-    if not size or len(free) != size or size + 256 > capacity:
-        return  # unread bytes are waiting (or the layout is not what it seems)
+    available = len(free)
+    if not available:
+        return False  # full of unread bytes
     start = ctypes.c_char.from_buffer(free)
     unread = ctypes.addressof(start) - data
     del start
     free.release()
+    if unread != size - available:
+        return True  # not picows' buffer as this module knows it: leave it
     if unread:
-        return
+        return False
     # A new block rather than a realloc: nothing in it needs keeping, and the
     # old block is whole again for the next connection's first read buffer.
     smaller = _malloc(READ_CAPACITY)
     if smaller:
         _set_fields(buffer, READ_CAPACITY - 256, READ_CAPACITY, smaller)
         _free(data)
+    return True
 
 
-def trim(websocket: Any) -> None:
-    """Shrink the idle buffers of one picows connection (a ``WSTransport``); see the module docstring."""
+def trim(websocket: Any) -> bool:
+    """Shrink the idle buffers of one picows connection (a ``WSTransport``); see the module docstring.
+
+    False when a buffer was busy and is worth another try later.
+    """
     if _MEMORY_BUFFER is None or websocket.is_disconnected:
-        return
-    _release_write_buffer(websocket)
-    _shrink_read_buffer(websocket.underlying_transport.get_protocol())
+        return True
+    released = _release_write_buffer(websocket)
+    return _shrink_read_buffer(websocket.underlying_transport.get_protocol()) and released
 
 
 class BufferTrimmer:
-    """Trims the connections scheduled during one loop iteration, in one callback after it."""
+    """Trims the connections scheduled during one loop iteration, in one callback after it.
 
-    __slots__ = ("_loop", "_due")
+    A connection whose buffer was busy then is kept in :attr:`skipped`; the
+    listener schedules it again with its next frame, and forgets it when it
+    disconnects.
+    """
+
+    __slots__ = ("_loop", "_due", "skipped")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._due: Optional[set[Any]] = None
+        self.skipped: set[Any] = set()
         if _MEMORY_BUFFER is None:
             logger.info(
                 "picows %s is not one whose buffers this version can trim (%s): idle connections keep ~2.3 KiB more",
@@ -205,8 +226,14 @@ class BufferTrimmer:
 
     def _run(self) -> None:
         due, self._due = self._due, None
+        skipped = self.skipped
         for websocket in due or ():
             try:
-                trim(websocket)
+                done = trim(websocket)
             except Exception:  # a trim is an optimisation: never the connection's end
                 logger.exception("could not trim the buffers of a connection")
+                done = True
+            if done:
+                skipped.discard(websocket)
+            else:
+                skipped.add(websocket)

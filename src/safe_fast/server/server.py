@@ -194,9 +194,11 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         if connection is None:
             return
         msg_type = frame.msg_type
-        if frame.payload_size >= GROWS_AT or not frame.last_in_buffer:
-            # picows' read buffer may have grown for this read: give it back once read.
-            self.server._trimmer.schedule(transport)
+        trimmer = self.server._trimmer
+        if frame.payload_size >= GROWS_AT or not frame.last_in_buffer or transport in trimmer.skipped:
+            # picows' read buffer may have grown for this read (or could not
+            # be trimmed last time): give it back once read.
+            trimmer.schedule(transport)
         if connection.is_closing or transport.is_close_frame_sent:
             # After a close frame (ours, or one picows sent for a framing
             # error it found, while it goes on parsing what was already on
@@ -263,6 +265,7 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         pass
 
     def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        self.server._trimmer.skipped.discard(transport)
         if self.address is not None:
             self.server.admission.release(self.address)  # type: ignore[union-attr]
             self.address = None
@@ -289,11 +292,17 @@ class _Listener(picows.WSListener):  # type: ignore[misc]
         self.transport.disconnect(graceful)
 
     def send_ping(self) -> None:
-        self.transport.underlying_transport.write(_PING_FRAME)
+        transport = self.transport
+        if not (transport.is_close_frame_sent or transport.is_disconnected):
+            transport.underlying_transport.write(_PING_FRAME)
 
     def send_pong(self, payload: bytes) -> None:
-        # picows refuses a ping of over 125 bytes (1002), so the length fits the first byte.
-        self.transport.underlying_transport.write(bytes((_PONG_OPCODE, len(payload))) + payload)
+        # Nothing after a close frame, whoever sent it (a ping held during an
+        # async authenticate is answered later, maybe after picows' own 1002).
+        transport = self.transport
+        if not (transport.is_close_frame_sent or transport.is_disconnected):
+            # picows refuses a ping of over 125 bytes (1002), so the length fits the first byte.
+            transport.underlying_transport.write(bytes((_PONG_OPCODE, len(payload))) + payload)
 
     def pause_reading(self) -> None:
         self.transport.underlying_transport.pause_reading()
