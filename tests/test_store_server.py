@@ -25,6 +25,7 @@ from safe_fast import (
     create_id_based_function_resolver,
     open_store,
 )
+from safe_fast.metrics import ServerMetrics
 from store_helpers import DEADLINE, postgres_database, store_url_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,6 +189,27 @@ async def test_a_snapshot_that_holds_a_commit_does_not_get_it_live_again(store_u
             assert (live["type"], live["transactionId"], live["currentState"]) == ("transaction", "2", {"v": 2})
     finally:
         await node.stop()
+
+
+async def test_each_node_counts_only_the_broadcasts_it_makes(durable_url: str) -> None:
+    node_a, node_b = await Node(durable_url).start(), await Node(durable_url).start()
+    metrics_a, metrics_b = ServerMetrics().install(node_a.server), ServerMetrics().install(node_b.server)
+    try:
+        await node_a.manager.replace(ShareData("doc", current_state={"v": "new"}, functions=[PUT]))
+        await node_a.manager.remove("doc")
+        for _ in range(100):  # B learns both from the store and announces them as remote
+            await node_b.manager.refresh("doc")
+            if node_b.manager.get_share_data_by_id("doc") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert node_b.manager.get_share_data_by_id("doc") is None
+        metrics_a.refresh()
+        metrics_b.refresh()
+        assert metrics_a.registry.get_sample_value("safe_fast_broadcasts_total") == 2
+        assert metrics_b.registry.get_sample_value("safe_fast_broadcasts_total") == 0
+    finally:
+        await node_a.stop()
+        await node_b.stop()
 
 
 class TcpProxy:

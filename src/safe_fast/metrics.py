@@ -11,7 +11,9 @@ reports, so nothing here runs per delivery:
 * the server's events: ``connection:opened`` / ``connection:closed`` (the
   connection gauge, closes by code), ``connection:overflow``,
   ``replay:write-failed``, ``replay:timeout``;
-* the manager's events: one broadcast per transaction, update or removal;
+* the manager's events: one broadcast per transaction, update or removal
+  made on this node (one another node made, which its manager learns from
+  the shared store, that node broadcasts);
 * the registry's ``fanout_observer``: called once per fan-out with the
   number of subscribers reached, so a broadcast to 1,000 subscribers costs
   the same as one to a single subscriber;
@@ -150,7 +152,8 @@ class ServerMetrics:
         self.connections_closed.labels(str(event.code)).inc()
 
     def _broadcast(self, event: Any) -> None:
-        self._broadcasts += 1
+        if not getattr(event, "remote", False):
+            self._broadcasts += 1
 
     def _fanned_out(self, deliveries: int, frame_bytes: int) -> None:
         self._deliveries += deliveries
