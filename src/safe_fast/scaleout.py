@@ -40,7 +40,9 @@ echo of this node's own PUBLISH is dropped, anything else is encoded into
 one frame once and queued on the local subscribers. Own echoes come back in
 the order they were published, so each channel keeps the FIFO of what this
 node published and is still waiting to see again, keyed by transaction id
-(by payload bytes for the rare frame without one: ``lifecycle``). Rule 4
+(by payload bytes for the rare frame without one: ``lifecycle``). An echo
+that is byte for byte the oldest of them, the usual case, is dropped
+without being parsed. Rule 4
 of STORE.md holds per subscriber: a ``transaction`` frame reaches it at
 most once, in order, and never one its snapshot already holds. Per
 channel, the highest id delivered (``mark``) drops a frame from Redis that
@@ -303,8 +305,9 @@ class _Delivery:
         """The highest transaction id delivered here in this epoch."""
         self.newest = NO_TRANSACTION
         """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
-        self.own: deque[Any] = deque()
-        """This node's PUBLISHes whose echo has not come back: ids, or payloads for frames without one."""
+        self.own: deque[tuple[Any, bytes]] = deque()
+        """This node's PUBLISHes whose echo has not come back: (id, or the payload for a frame
+        without one; the payload), oldest first."""
 
 
 def _log_error(error: BaseException) -> None:
@@ -470,7 +473,7 @@ class RedisChannelRegistry:
         if delivery is not None:
             # Subscribed at Redis (or about to be): this PUBLISH comes back.
             own = delivery.own
-            own.append(echo)
+            own.append((echo, payload))
             if len(own) > self.max_pending_publishes:
                 own.popleft()  # long lost: never let them pile up
         self._enqueue((_PUBLISH, self._channel(share_data_id), payload, echo))
@@ -622,12 +625,12 @@ class RedisChannelRegistry:
 
     def _no_echo(self, batch: list[tuple[Any, ...]]) -> None:
         """These PUBLISHes failed: no echo of theirs will come back."""
-        for _, channel, _, echo in batch:
+        for _, channel, payload, echo in batch:
             if echo is not None:
                 delivery = self._deliveries.get(self._share_data_id(channel))
                 if delivery is not None:
                     with contextlib.suppress(ValueError):
-                        delivery.own.remove(echo)
+                        delivery.own.remove((echo, payload))
 
     async def _bounded(self, command: Awaitable[Any], what: str) -> Any:
         """One attempt of a Redis command, failed after ``command_timeout``."""
@@ -861,13 +864,17 @@ class RedisChannelRegistry:
             payload = payload.encode("utf-8")
         elif not isinstance(payload, bytes):
             payload = bytes(payload)
+        own = delivery.own
+        if own and own[0][1] == payload:
+            # The next own echo, byte for byte (the common case): no need to parse it.
+            own.popleft()
+            return
         try:
             message = parse_server_message(payload)
         except InvalidMessage as exc:
             self._report(InvalidMessage([f"payload on {channel}: {exc}"]))
             return
         kind, sequence = kind_and_number(message)
-        own = delivery.own
         if own and self._own_echo(own, payload if sequence is None else sequence):
             return  # delivered here when it was broadcast
         subscribers = self._local.get(share_data_id)
@@ -884,12 +891,12 @@ class RedisChannelRegistry:
                 self._report(exc)
 
     @staticmethod
-    def _own_echo(own: deque[Any], echo: Any) -> bool:
+    def _own_echo(own: deque[tuple[Any, bytes]], echo: Any) -> bool:
         """Whether ``echo`` is one of this node's PUBLISHes coming back (then taken off ``own``)."""
-        if own[0] == echo:
+        if own[0][0] == echo:
             own.popleft()
             return True
-        for index, mine in enumerate(own):
+        for index, (mine, _payload) in enumerate(own):
             if mine == echo:
                 for _ in range(index + 1):  # those before it were lost on the way
                     own.popleft()
