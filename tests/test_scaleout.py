@@ -417,6 +417,18 @@ async def test_store_cap_holds_under_concurrent_records(redis_client: Any) -> No
     assert [e.transaction_id for e in await store.entries("doc")] == [str(i) for i in range(191, 201)]
 
 
+async def test_store_records_a_burst_with_one_writer_task(redis_client: Any) -> None:
+    # The server records every transaction it broadcasts: no task per record.
+    store = RedisReplayStore(redis_client)
+    before = len(asyncio.all_tasks())
+    writes = [store.record("doc", ReplayEntry(str(i), True)) for i in range(1, 101)] + [store.forget("other")]
+    assert len(asyncio.all_tasks()) - before == 1
+    await asyncio.wait_for(asyncio.gather(*writes), DEADLINE)
+    assert [e.transaction_id for e in await store.entries("doc")] == [str(i) for i in range(1, 101)]
+    with pytest.raises(ValueError, match="canonical"):
+        store.record("doc", ReplayEntry("01", True))  # at once, before anything is awaited
+
+
 async def test_store_writes_keep_call_order_and_fail_one_by_one(redis_client: Any) -> None:
     store = RedisReplayStore(redis_client)
     await redis_client.set("safe:replay:broken", b"a string, not a sorted set")

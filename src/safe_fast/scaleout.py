@@ -134,7 +134,9 @@ class RedisReplayStore:
     ``{"transactionId":"3","accepted":true}`` exactly as the TypeScript store
     writes it, so both kinds of node can record the same transaction
     idempotently. There is no per-node cache: every node reads the shared
-    window. All methods are coroutines.
+    window. ``entries_since`` and ``entries`` are coroutines; ``record`` and
+    ``forget`` return a future to await, so the broadcast path that records
+    every transaction creates no task of its own for it.
 
     Writes (``record``, ``forget``) are group-committed: the calls made while
     a write is in flight go out together as one pipeline, in call order, on
@@ -177,11 +179,11 @@ class RedisReplayStore:
             raise TypeError(f"ReplayEntry.accepted must be a bool, got {type(accepted).__name__}")
         return orjson.dumps({"transactionId": entry.transaction_id, "accepted": accepted})
 
-    async def record(self, share_data_id: str, entry: ReplayEntry) -> None:
-        """Add ``entry`` (ZADD) and trim the window to the cap, atomically.
+    def record(self, share_data_id: str, entry: ReplayEntry) -> "asyncio.Future[None]":
+        """Add ``entry`` (ZADD) and trim the window to the cap, atomically; await the future returned.
 
-        Raises ValueError for a transaction id that is not a canonical
-        decimal integer (it could not be scored, nor found again).
+        Raises ValueError at once for a transaction id that is not a
+        canonical decimal integer (it could not be scored, nor found again).
         """
         seq = _canonical_seq(entry.transaction_id)
         if seq is None:
@@ -190,7 +192,7 @@ class RedisReplayStore:
                 f" <= {_MAX_EXACT_SCORE}; it cannot be scored in the replay window"
             )
         member = self.encode_member(entry)
-        await self._write(self.key(share_data_id), [str(seq), member, self._trim_stop])
+        return self._write(self.key(share_data_id), [str(seq), member, self._trim_stop])
 
     async def entries_since(self, share_data_id: str, since: str) -> Optional[list[ReplayEntry]]:
         """Entries with a transaction id numerically greater than ``since``, oldest first.
@@ -223,19 +225,19 @@ class RedisReplayStore:
         key = self.key(share_data_id)
         return [self._decode(key, member) for member in await self.redis.zrange(key, 0, -1)]
 
-    async def forget(self, share_data_id: str) -> None:
-        """Drop the whole window (DEL), after the records issued before it."""
-        await self._write(self.key(share_data_id), None)
+    def forget(self, share_data_id: str) -> "asyncio.Future[None]":
+        """Drop the whole window (DEL), after the records issued before it; await the future returned."""
+        return self._write(self.key(share_data_id), None)
 
     # group commit
 
-    async def _write(self, key: str, record_args: Optional[list[Any]]) -> None:
+    def _write(self, key: str, record_args: Optional[list[Any]]) -> "asyncio.Future[None]":
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._writes.append((key, record_args, done))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_pending(), name=f"RedisReplayStore writer {self.key_prefix}")
-        await done
+        return done
 
     async def _write_pending(self) -> None:
         while self._writes:
