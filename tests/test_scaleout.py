@@ -761,6 +761,40 @@ async def test_frames_from_redis_reach_a_subscriber_at_most_once_in_order_and_af
     assert errors == []
 
 
+async def test_a_lifecycle_frame_published_twice_reaches_a_subscriber_once(
+    registries: RegistryFactory, redis_client: Any, prefix: str
+) -> None:
+    # A PUBLISH retried after a timeout may land twice: on this node (its own
+    # broadcast, then a second echo) and from another node (two copies).
+    errors = Errors()
+    registry = registries(on_error=errors)
+    sink = Sink()
+    registry.subscribe("doc", sink)
+    await registry.flush()
+    channel = f"{prefix}doc"
+    own = {"v": 1, "type": "lifecycle", "shareDataId": "doc", "event": "updated", "currentState": {"n": 1}}
+    registry.broadcast("doc", own)
+    await registry.flush()
+    await redis_client.publish(channel, encode_message(own))  # the retry's echo
+    foreign = encode_message(
+        {"v": 1, "type": "lifecycle", "shareDataId": "doc", "event": "updated", "currentState": {"n": 2}}
+    )
+    await redis_client.publish(channel, foreign)
+    await redis_client.publish(channel, foreign)
+    # After a transaction, the same lifecycle frame is news again.
+    await redis_client.publish(channel, encode_message(tx("doc", "1", 1)))
+    await redis_client.publish(channel, foreign)
+    marker = await publish_marker(redis_client, prefix)
+    assert await sink.wait_for_count(5) == [
+        encode_message(own),
+        foreign,
+        encode_message(tx("doc", "1", 1)),
+        foreign,
+        marker,
+    ]
+    assert errors == []
+
+
 async def test_foreign_typescript_payload_reaches_local_subscribers(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:

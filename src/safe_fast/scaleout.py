@@ -50,7 +50,10 @@ is not newer (a duplicate, or one overtaken by a newer local one: the
 client's gap detection fetches it by replay), and each subscriber keeps its
 snapshot's ``lastTransactionId`` so frames at or below it skip it. A
 ``lifecycle`` frame starts a new epoch (a replaced ShareData may count its
-ids from 1 again): the marks are reset.
+ids from 1 again): the marks are reset. It has no id to compare, so a
+``lifecycle`` payload identical to the frame delivered just before it on
+the channel is taken for a copy (a PUBLISH retried after a timeout may land
+twice) and dropped.
 
 When the pub/sub connection fails, or stays silent after a PING for longer
 than ``command_timeout``, the reader reports it to ``on_error``, waits a
@@ -300,11 +303,13 @@ _POLL_SECONDS = 1.0
 class _Delivery:
     """What one channel has delivered on this node, and its own echoes still to come."""
 
-    __slots__ = ("mark", "newest", "own")
+    __slots__ = ("mark", "newest", "own", "lifecycle")
 
     def __init__(self) -> None:
         self.mark = NO_TRANSACTION
         """The highest transaction id delivered here in this epoch."""
+        self.lifecycle: Optional[bytes] = None
+        """The payload of the last frame delivered here, when it was a ``lifecycle`` one."""
         self.newest = NO_TRANSACTION
         """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
         self.own: deque[tuple[Any, bytes]] = deque()
@@ -462,8 +467,10 @@ class RedisChannelRegistry:
             if sequence is not None:
                 if sequence > delivery.mark:
                     delivery.mark = sequence
+                delivery.lifecycle = None
             elif kind == "lifecycle":
                 self._new_epoch(delivery, subscribers)
+                delivery.lifecycle = payload
         if self._pending_publishes >= self.max_pending_publishes:
             self._report(
                 RuntimeError(
@@ -884,8 +891,15 @@ class RedisChannelRegistry:
             if sequence <= delivery.mark:
                 return  # a copy of one delivered, or older than one delivered
             delivery.mark = sequence
+            delivery.lifecycle = None
         elif kind == "lifecycle":
+            if payload == delivery.lifecycle:
+                # The frame just delivered, again: a PUBLISH retried after a
+                # timeout can land twice. (A lifecycle frame carries no id;
+                # a real repeat of it changes nothing.)
+                return
             self._new_epoch(delivery, subscribers)
+            delivery.lifecycle = payload
         if subscribers:
             try:
                 self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
