@@ -342,6 +342,16 @@ async def publish_marker(redis_client: Any, prefix: str) -> bytes:
     return marker
 
 
+async def subscribed_at_redis(registries: "RegistryFactory") -> tuple[Any, Sink, Errors]:
+    """A registry (its errors collected) with one Sink subscribed to ``doc``, confirmed by Redis."""
+    errors = Errors()
+    registry = registries(on_error=errors)
+    sink = Sink()
+    registry.subscribe("doc", sink)
+    await registry.flush()
+    return registry, sink, errors
+
+
 def tx(share_data_id: str, transaction_id: str, count: int) -> TransactionFrame:
     return TransactionFrame(share_data_id, transaction_id, True, {"count": count})
 
@@ -649,11 +659,7 @@ async def test_local_delivery_is_at_once_and_the_echo_is_dropped(
 async def test_a_subscriber_gets_nothing_this_node_published_before_it_subscribed(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:
-    errors = Errors()
-    registry = registries(on_error=errors)
-    a = Sink()
-    registry.subscribe("doc", a)
-    await registry.flush()  # subscribed at Redis: every later PUBLISH echoes back
+    registry, a, errors = await subscribed_at_redis(registries)  # subscribed at Redis: every later PUBLISH echoes back
     early = [tx("doc", str(i), i) for i in (1, 2, 3)]
     for frame in early:
         registry.broadcast("doc", frame)
@@ -672,11 +678,7 @@ async def test_a_subscriber_gets_nothing_this_node_published_before_it_subscribe
 async def test_resubscribing_gets_nothing_published_before_either_subscribe(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:
-    errors = Errors()
-    registry = registries(on_error=errors)
-    a = Sink()
-    registry.subscribe("doc", a)
-    await registry.flush()
+    registry, a, errors = await subscribed_at_redis(registries)
     early = [tx("doc", str(i), i) for i in (1, 2)]
     for frame in early:
         registry.broadcast("doc", frame)  # a gets them now
@@ -766,11 +768,7 @@ async def test_a_lifecycle_frame_published_twice_reaches_a_subscriber_once(
 ) -> None:
     # A PUBLISH retried after a timeout may land twice: on this node (its own
     # broadcast, then a second echo) and from another node (two copies).
-    errors = Errors()
-    registry = registries(on_error=errors)
-    sink = Sink()
-    registry.subscribe("doc", sink)
-    await registry.flush()
+    registry, sink, errors = await subscribed_at_redis(registries)
     channel = f"{prefix}doc"
     own = {"v": 1, "type": "lifecycle", "shareDataId": "doc", "event": "updated", "currentState": {"n": 1}}
     registry.broadcast("doc", own)
@@ -798,11 +796,7 @@ async def test_a_lifecycle_frame_published_twice_reaches_a_subscriber_once(
 async def test_foreign_typescript_payload_reaches_local_subscribers(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:
-    errors = Errors()
-    registry = registries(on_error=errors)
-    sink = Sink()
-    registry.subscribe("doc", sink)
-    await registry.flush()
+    registry, sink, errors = await subscribed_at_redis(registries)
     # JSON.stringify of a TypeScript node's message (it may carry key order or
     # keys of its own: the payload is forwarded as it is).
     payloads = [
@@ -819,11 +813,7 @@ async def test_foreign_typescript_payload_reaches_local_subscribers(
 async def test_garbage_payload_goes_to_on_error_and_is_skipped(
     registries: RegistryFactory, redis_client: Any, prefix: str
 ) -> None:
-    errors = Errors()
-    registry = registries(on_error=errors)
-    sink = Sink()
-    registry.subscribe("doc", sink)
-    await registry.flush()
+    registry, sink, errors = await subscribed_at_redis(registries)
     garbage = [b"not json", b'{"v":1,"type":"nope"}', b'{"v":2,"type":"pong","correlationId":"x"}', b"\xff\xfe"]
     for payload in garbage:
         await redis_client.publish(f"{prefix}doc", payload)
