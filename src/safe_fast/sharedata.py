@@ -12,12 +12,13 @@ transactions of each one and reports every change to its listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -432,9 +433,12 @@ class ShareDataManager:
         _check_share_data(share_data)
         if share_data.id not in self._share_data:
             raise KeyError(_not_found(share_data.id))
-        await self._replica.replace(share_data)
-        self._share_data[share_data.id] = share_data
-        self._announce("share-data:updated", share_data)
+        # After any transaction of the old history under way: its event must
+        # not follow the replacement's.
+        async with self._id_lock(share_data.id):
+            await self._replica.replace(share_data)
+            self._share_data[share_data.id] = share_data
+            self._announce("share-data:updated", share_data)
 
     async def remove(self, share_data_id: str) -> bool:
         """Remove a ShareData, from the store too; return whether there was one here."""
@@ -442,8 +446,9 @@ class ShareDataManager:
             return self.remove_share_data_by_id(share_data_id)
         if share_data_id not in self._share_data:
             return False
-        await self._replica.remove(share_data_id)
-        return self._forget(share_data_id)
+        async with self._id_lock(share_data_id):  # after any transaction under way, as in replace
+            await self._replica.remove(share_data_id)
+            return self._forget(share_data_id)
 
     async def refresh(self, share_data_id: str) -> None:
         """Bring *share_data_id* up to what the store holds (other nodes' commits, replacement, removal).
@@ -494,61 +499,60 @@ class ShareDataManager:
         if share_data_id not in self._share_data:
             raise KeyError(_not_found(share_data_id))
 
+        async with self._id_lock(share_data_id):
+            if self._replica is not None:
+                share_data, record, state = await self._replica.commit_transaction(
+                    share_data_id, function, proposed_data, proof, _evaluate
+                )
+                return self._recorded(share_data, record, state)
+            for _ in range(MAX_EVALUATIONS):
+                share_data = self._share_data.get(share_data_id)
+                if share_data is None:
+                    raise KeyError(_not_found(share_data_id))
+                state = share_data.current_state
+                accepted = await _evaluate(function, state, proposed_data)
+                if (
+                    self._share_data.get(share_data_id) is share_data
+                    and share_data.current_state is state
+                ):
+                    break
+            else:
+                raise RuntimeError(
+                    f"the state of ShareData {share_data_id!r} changed while the rule of"
+                    f" {function.label!r} ran, {MAX_EVALUATIONS} times in a row; nothing recorded"
+                )
+
+            # No await from here on: records and events stay in id order.
+            record = share_data._append(function.id, proposed_data, accepted, proof)
+            if accepted:
+                share_data.current_state = proposed_data
+            return self._recorded(share_data, record, share_data.current_state)
+
+    def _recorded(self, share_data: ShareData, record: TransactionRecord, state: Any) -> TransactionOutcome:
+        """Announce a recorded transaction (``state``: the state after it); its outcome."""
+        self._emitter.emit(
+            "share-data:transaction",
+            ShareDataEvent(
+                "share-data:transaction",
+                share_data.id,
+                transaction_id=record.transaction_id,
+                accepted=record.accepted,
+                current_state=state,
+                share_data=share_data,
+            ),
+        )
+        return TransactionOutcome(record.accepted, record.transaction_id)
+
+    @contextlib.asynccontextmanager
+    async def _id_lock(self, share_data_id: str) -> AsyncIterator[None]:
+        """One at a time per id: transactions, and (with a store) replacement and removal."""
         entry = self._locks.get(share_data_id)
         if entry is None:
             entry = self._locks[share_data_id] = _LockEntry()
         entry.users += 1
         try:
             async with entry.lock:
-                if self._replica is not None:
-                    share_data, record, state = await self._replica.commit_transaction(
-                        share_data_id, function, proposed_data, proof, _evaluate
-                    )
-                    self._emitter.emit(
-                        "share-data:transaction",
-                        ShareDataEvent(
-                            "share-data:transaction",
-                            share_data_id,
-                            transaction_id=record.transaction_id,
-                            accepted=record.accepted,
-                            current_state=state,
-                            share_data=share_data,
-                        ),
-                    )
-                    return TransactionOutcome(record.accepted, record.transaction_id)
-                for _ in range(MAX_EVALUATIONS):
-                    share_data = self._share_data.get(share_data_id)
-                    if share_data is None:
-                        raise KeyError(_not_found(share_data_id))
-                    state = share_data.current_state
-                    accepted = await _evaluate(function, state, proposed_data)
-                    if (
-                        self._share_data.get(share_data_id) is share_data
-                        and share_data.current_state is state
-                    ):
-                        break
-                else:
-                    raise RuntimeError(
-                        f"the state of ShareData {share_data_id!r} changed while the rule of"
-                        f" {function.label!r} ran, {MAX_EVALUATIONS} times in a row; nothing recorded"
-                    )
-
-                # No await from here on: records and events stay in id order.
-                record = share_data._append(function.id, proposed_data, accepted, proof)
-                if accepted:
-                    share_data.current_state = proposed_data
-                self._emitter.emit(
-                    "share-data:transaction",
-                    ShareDataEvent(
-                        "share-data:transaction",
-                        share_data_id,
-                        transaction_id=record.transaction_id,
-                        accepted=accepted,
-                        current_state=share_data.current_state,
-                        share_data=share_data,
-                    ),
-                )
-                return TransactionOutcome(accepted, record.transaction_id)
+                yield
         finally:
             entry.users -= 1
             if entry.users == 0:

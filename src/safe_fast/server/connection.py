@@ -795,6 +795,9 @@ class ServerConnection(core.Outbox):
         # the snapshot (and, after the cursor, in the replay).
         # Registered again when already subscribed: a registry may track when
         # a subscriber's snapshot was taken (the Redis one does).
+        # The ShareData's own id string is kept, not the message's copy: one
+        # object for every subscriber.
+        share_data_id = share_data.id
         self.subscriptions.add(share_data_id)
         registered = hub.registry.subscribe(share_data_id, self)
         snapshot = StateFrame(share_data_id, share_data.current_state, share_data.last_transaction_id)

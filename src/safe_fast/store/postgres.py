@@ -323,7 +323,14 @@ class PostgresStore(StoreBase):
         return await self._run("create", create)
 
     async def _commit_batch(self, batch: list[CommitItem]) -> list[Any]:
-        return await self._run("commit", lambda c: _commit_on(c, batch))
+        results = await self._run("commit", lambda c: _commit_on(c, batch))
+        return [self._read_error(result) for result in results]
+
+    def _read_error(self, result: Any) -> Any:
+        """A lost item's failed read as a StoreError (a decoding error, CorruptShareData, stays as it is)."""
+        if isinstance(result, Exception) and not isinstance(result, (StoreError, KeyError, ValueError)):
+            return _store_error("read", self.url, result)
+        return result
 
     @contextlib.asynccontextmanager
     async def hold(self, share_data_id: str) -> AsyncIterator[Any]:
@@ -342,10 +349,9 @@ class PostgresStore(StoreBase):
                 raise _store_error("lock", self.url, exc) from exc
             yield held
         finally:
-            if not held.finished:
-                with contextlib.suppress(Exception):
-                    await held.transaction.rollback()
-            await pool.release(connection)
+            # Shielded: a cancellation arriving now (or a second one) must not
+            # keep the connection out of the pool for good.
+            await asyncio.shield(_let_go(pool, held))
 
     async def replace(
         self, share_data_id: str, public_key: Optional[str], current_state: Any, history: list[TransactionRecord]
@@ -356,7 +362,9 @@ class PostgresStore(StoreBase):
 
         async def replace(connection: Any) -> None:
             async with connection.transaction():
-                await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
+                # The ShareData row first: its lock keeps every commit out
+                # until this transaction ends (one already under way finishes
+                # first, and the DELETE below, a later statement, sees its row).
                 await connection.execute(
                     "INSERT INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
                     " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET incarnation = $2,"
@@ -368,6 +376,7 @@ class PostgresStore(StoreBase):
                     len(rows),
                     rows[-1][8] if rows else GENESIS_HASH,
                 )
+                await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
                 if rows:
                     await connection.executemany(
                         f"INSERT INTO safe_fast_transactions (share_data_id, {_RECORD_COLUMNS})"
@@ -382,14 +391,25 @@ class PostgresStore(StoreBase):
     async def remove(self, share_data_id: str) -> bool:
         async def remove(connection: Any) -> bool:
             async with connection.transaction():
-                await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
+                # The ShareData row first, as in replace: no commit lands in between.
                 status = await connection.execute("DELETE FROM safe_fast_share_data WHERE id = $1", share_data_id)
+                await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
                 removed = status == "DELETE 1"
                 if removed:
                     await self._announce(connection, share_data_id)
                 return removed
 
         return bool(await self._run("remove", remove))
+
+
+async def _let_go(pool: Any, held: "_Held") -> None:
+    """End the held transaction (unless its commit did) and give its connection back to the pool."""
+    try:
+        if not held.finished:
+            with contextlib.suppress(Exception):
+                await held.transaction.rollback()
+    finally:
+        await pool.release(held.connection)
 
 
 class _Held:
@@ -424,7 +444,7 @@ class _Held:
         except Exception as exc:
             raise _store_error("commit", self.store.url, exc) from exc
         if isinstance(result, BaseException):
-            raise result
+            raise self.store._read_error(result)
         if result is False:
             raise KeyError(f"shareDataId {share_data_id} not found")
         return result
@@ -459,6 +479,8 @@ async def _commit_on(connection: Any, batch: list[CommitItem]) -> list[Any]:
             # The statement rolled back as a whole: nothing of it is recorded.
             if attempt == _DEADLOCK_RETRIES - 1:
                 raise
+    # The statement is committed: from here on a failure is one item's (what
+    # it lost to could not be read), never the batch's, whose winners are recorded.
     results: list[Any] = []
     for share_data_id, incarnation, row, _ in batch:
         if share_data_id in committed:
@@ -467,8 +489,6 @@ async def _commit_on(connection: Any, batch: list[CommitItem]) -> list[Any]:
         try:
             changes = await _changes(connection, share_data_id, incarnation, row[0] - 1)
         except Exception as exc:
-            if _is_connection_error(exc):
-                raise
             changes = exc  # type: ignore[assignment]
         results.append(False if changes is None else changes)
     return results

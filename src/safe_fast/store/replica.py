@@ -248,7 +248,7 @@ class StoreReplica:
         """
         async with contextlib.AsyncExitStack() as stack:
             store = self.store
-            for attempt in range(MAX_EVALUATIONS):
+            for _ in range(MAX_EVALUATIONS):
                 if share_data_id in self._stale:
                     await self._refresh_now(share_data_id, store)
                 share_data = self._cache.get(share_data_id)
@@ -265,6 +265,11 @@ class StoreReplica:
                 except KeyError:
                     self._removed_elsewhere(share_data_id)
                     raise
+                except CorruptShareData as exc:
+                    # What it lost to does not verify (CorruptShareData is a
+                    # ValueError: caught before the clause below).
+                    self._distrust(share_data_id, exc)
+                    raise
                 except ValueError:
                     raise  # refused before anything was sent (not plain JSON)
                 except BaseException:
@@ -275,7 +280,7 @@ class StoreReplica:
                     return share_data, record, after
                 if self._cache.get(share_data_id) is share_data:
                     self._apply(share_data, lost)
-                if attempt == 0:
+                if store is self.store:
                     store = await stack.enter_async_context(self.store.hold(share_data_id))
                     self._stale.add(share_data_id)  # catch up with what committed before the lock
         raise RuntimeError(
