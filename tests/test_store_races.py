@@ -10,6 +10,7 @@ lost in the middle of an operation is a real asyncpg error raised in its place.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -229,3 +230,53 @@ async def test_a_lock_given_up_under_repeated_cancellation_returns_its_connectio
         # The row lock went with the transaction: another hold gets it at once.
         async with store.hold("X"):
             pass
+
+
+async def test_a_history_registered_while_another_node_commits_loses_no_acknowledged_transaction(
+    durable_url: str,
+) -> None:
+    async with open_store(durable_url) as store_a, open_store(durable_url) as store_b:
+        node_a, node_b = ShareDataManager(store=store_a), ShareDataManager(store=store_b)
+        await node_a.register(doc())
+        # B registers the id with a history of its own; A commits while B's
+        # registration is still on its way back.
+        created, answer = asyncio.Event(), asyncio.Event()
+        create = store_b.create
+
+        async def create_then_wait(*args: Any, **kwargs: Any) -> Any:
+            result = await create(*args, **kwargs)
+            created.set()
+            await asyncio.wait_for(answer.wait(), DEADLINE)
+            return result
+
+        store_b.create = create_then_wait  # type: ignore[method-assign]
+        seeded = doc()
+        seeded._append("set", "seed", True, None)
+        seeded.current_state = "seed"
+        registering = asyncio.ensure_future(node_b.register(seeded))
+        await asyncio.wait_for(created.wait(), DEADLINE)
+        outcome = await node_a.apply_transaction("X", "A's write", SET)
+        answer.set()
+        await asyncio.wait_for(registering, DEADLINE)
+
+        # The acknowledged write is in the history every node loads, after the seed.
+        fresh = await ShareDataManager(store=store_a).register(doc())
+        assert [record.proposed_data for record in fresh.transaction_history] == ["seed", "A's write"]
+        assert fresh.transaction_history[-1].transaction_id == outcome.transaction_id == "2"
+        assert fresh.verify_chain() and fresh.current_state == "A's write"
+
+
+async def test_a_history_that_does_not_verify_is_never_stored(store_url: str) -> None:
+    async with open_store(store_url) as store:
+        node = ShareDataManager(store=store)
+        tampered = doc()
+        tampered._append("set", "real", True, None)
+        tampered.transaction_history[0] = dataclasses.replace(tampered.transaction_history[0], proposed_data="forged")
+        with pytest.raises(ValueError, match="does not verify"):
+            await node.register(tampered)
+        assert await store.load("X") is None
+        await node.register(doc())
+        with pytest.raises(ValueError, match="does not verify"):
+            await node.replace(tampered)
+        stored = await store.load("X")
+        assert stored is not None and stored.last_id == 0

@@ -414,6 +414,7 @@ class ShareDataManager:
             return share_data
         if share_data.id in self._share_data:
             raise ValueError(f"ShareData {share_data.id!r} already exists")
+        _check_history(share_data)
         await self._replica.register(share_data)
         if share_data.id in self._share_data:
             raise ValueError(f"ShareData {share_data.id!r} already exists")
@@ -433,6 +434,7 @@ class ShareDataManager:
         _check_share_data(share_data)
         if share_data.id not in self._share_data:
             raise KeyError(_not_found(share_data.id))
+        _check_history(share_data)
         # After any transaction of the old history under way: its event must
         # not follow the replacement's.
         async with self._id_lock(share_data.id):
@@ -593,6 +595,12 @@ async def _evaluate(function: ShareFunction, state: Any, proposed_data: Any) -> 
 def _check_share_data(share_data: object) -> None:
     if not isinstance(share_data, ShareData):
         raise TypeError(f"expected a ShareData, got {type(share_data).__name__}")
+
+
+def _check_history(share_data: ShareData) -> None:
+    """A history a store is to keep must verify: every node would distrust it when it reads it back."""
+    if share_data.transaction_history and not share_data.verify_chain():
+        raise ValueError(f"the history of ShareData {share_data.id!r} does not verify (verify_chain()); nothing stored")
 
 
 def _not_found(share_data_id: str) -> str:

@@ -28,7 +28,7 @@ Implementations: :class:`MemoryStore` (``memory://``), :class:`SQLiteStore`
 
 from __future__ import annotations
 
-from typing import Any, AsyncContextManager, Optional, Protocol, runtime_checkable
+from typing import Any, AsyncContextManager, Optional, Protocol, Sequence, runtime_checkable
 
 from ._base import ChangeListener
 from ._codec import SCHEMA_VERSION, StoredShareData
@@ -73,9 +73,15 @@ class ShareDataStore(Protocol):
         """The whole stored ShareData (history verified), or None if absent."""
 
     async def create(
-        self, share_data_id: str, public_key: Optional[str], current_state: Any
+        self, share_data_id: str, public_key: Optional[str], current_state: Any, history: Sequence[Any] = ()
     ) -> StoredShareData:
-        """Create the id with an empty history unless it exists; return what the store holds."""
+        """Create the id unless it exists; return what the store holds.
+
+        With a ``history`` (the manager passes one only when the registered
+        ShareData has one): the id is created with it, and it is also written
+        (under a new incarnation, watchers told) over a stored id whose history
+        is empty, in one step, so that no commit lands in between.
+        """
 
     async def changes_after(
         self, share_data_id: str, incarnation: str, after: int

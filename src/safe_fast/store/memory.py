@@ -10,7 +10,7 @@ the manager then keeps its ShareData itself, as it always did.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ..sharedata import GENESIS_HASH, TransactionRecord
 from ._base import StoreBase
@@ -64,10 +64,15 @@ class MemoryStore(StoreBase):
         entry = self._entries.get(share_data_id)
         return None if entry is None else self._stored(share_data_id, entry, 0)
 
-    async def create(self, share_data_id: str, public_key: Optional[str], current_state: Any) -> StoredShareData:
+    async def create(
+        self, share_data_id: str, public_key: Optional[str], current_state: Any, history: Sequence[TransactionRecord] = ()
+    ) -> StoredShareData:
         entry = self._entries.get(share_data_id)
-        if entry is None:
-            entry = self._entries[share_data_id] = _Entry(new_incarnation(), public_key, current_state, [])
+        if entry is None or (history and not entry.records):
+            written_over = entry is not None
+            entry = self._entries[share_data_id] = _Entry(new_incarnation(), public_key, current_state, list(history))
+            if written_over:
+                asyncio.get_running_loop().call_soon(self._notify, share_data_id)
         return self._stored(share_data_id, entry, 0)
 
     async def changes_after(self, share_data_id: str, incarnation: str, after: int) -> Optional[StoredShareData]:

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from ..sharedata import GENESIS_HASH, TransactionRecord
 from ._base import StoreBase, not_open, redacted
@@ -302,20 +302,35 @@ class PostgresStore(StoreBase):
 
     # -- writes ----------------------------------------------------------------------
 
-    async def create(self, share_data_id: str, public_key: Optional[str], current_state: Any) -> StoredShareData:
+    async def create(
+        self, share_data_id: str, public_key: Optional[str], current_state: Any, history: Sequence[TransactionRecord] = ()
+    ) -> StoredShareData:
         state_text = encode_json(current_state, f"the state of ShareData {share_data_id!r}")
+        rows = [(share_data_id, *record_row(record)) for record in history]
 
         async def create(connection: Any) -> StoredShareData:
-            await connection.execute(
-                "INSERT INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
-                " VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
-                share_data_id,
-                new_incarnation(),
-                public_key,
-                state_text,
-                GENESIS_HASH,
-            )
-            stored = await _changes(connection, share_data_id, "", 0)
+            async with connection.transaction():
+                created = await connection.fetchval(
+                    "INSERT INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
+                    " VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING RETURNING true",
+                    share_data_id,
+                    new_incarnation(),
+                    public_key,
+                    state_text,
+                    GENESIS_HASH,
+                )
+                if rows:
+                    # A history of its own goes in, also over an empty stored
+                    # one: checked under the row lock, so no commit lands
+                    # between the check and the write.
+                    last_id = await connection.fetchval(
+                        "SELECT last_id FROM safe_fast_share_data WHERE id = $1 FOR UPDATE", share_data_id
+                    )
+                    if last_id == 0:
+                        await _write_whole(connection, share_data_id, new_incarnation(), public_key, state_text, rows)
+                        if not created:
+                            await self._announce(connection, share_data_id)
+                stored = await _changes(connection, share_data_id, "", 0)
             if stored is None:  # removed in between by another node
                 raise StoreError(f"ShareData {share_data_id!r} was removed while it was being created")
             return stored
@@ -362,27 +377,7 @@ class PostgresStore(StoreBase):
 
         async def replace(connection: Any) -> None:
             async with connection.transaction():
-                # The ShareData row first: its lock keeps every commit out
-                # until this transaction ends (one already under way finishes
-                # first, and the DELETE below, a later statement, sees its row).
-                await connection.execute(
-                    "INSERT INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
-                    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET incarnation = $2,"
-                    " public_key = $3, state = $4, last_id = $5, head_hash = $6",
-                    share_data_id,
-                    incarnation,
-                    public_key,
-                    state_text,
-                    len(rows),
-                    rows[-1][8] if rows else GENESIS_HASH,
-                )
-                await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
-                if rows:
-                    await connection.executemany(
-                        f"INSERT INTO safe_fast_transactions (share_data_id, {_RECORD_COLUMNS})"
-                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                        rows,
-                    )
+                await _write_whole(connection, share_data_id, incarnation, public_key, state_text, rows)
                 await self._announce(connection, share_data_id)
 
         await self._run("replace", replace)
@@ -400,6 +395,38 @@ class PostgresStore(StoreBase):
                 return removed
 
         return bool(await self._run("remove", remove))
+
+
+async def _write_whole(
+    connection: Any,
+    share_data_id: str,
+    incarnation: str,
+    public_key: Optional[str],
+    state_text: str,
+    rows: list[tuple[Any, ...]],
+) -> None:
+    """The id as a whole (row and history), inside the caller's transaction."""
+    # The ShareData row first: its lock keeps every commit out until the
+    # transaction ends (one already under way finishes first, and the DELETE
+    # below, a later statement, sees its record).
+    await connection.execute(
+        "INSERT INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET incarnation = $2,"
+        " public_key = $3, state = $4, last_id = $5, head_hash = $6",
+        share_data_id,
+        incarnation,
+        public_key,
+        state_text,
+        len(rows),
+        rows[-1][8] if rows else GENESIS_HASH,
+    )
+    await connection.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = $1", share_data_id)
+    if rows:
+        await connection.executemany(
+            f"INSERT INTO safe_fast_transactions (share_data_id, {_RECORD_COLUMNS})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            rows,
+        )
 
 
 async def _let_go(pool: Any, held: "_Held") -> None:

@@ -91,14 +91,13 @@ class StoreReplica:
 
     async def register(self, share_data: ShareData) -> None:
         """Create ``share_data`` in the store unless it is there; load what the store holds into it."""
-        stored = await self.store.create(share_data.id, share_data.public_key, share_data.current_state)
-        if stored.last_id == 0 and share_data.transaction_history:
-            # A ShareData that arrives with a history of its own keeps it.
-            incarnation = await self.store.replace(
-                share_data.id, share_data.public_key, share_data.current_state, share_data.transaction_history
-            )
-            self._incarnations[share_data.id] = incarnation
-            return
+        history = share_data.transaction_history
+        if history:
+            # A ShareData that arrives with a history of its own keeps it, if
+            # the store holds none for it (decided by the store, atomically).
+            stored = await self.store.create(share_data.id, share_data.public_key, share_data.current_state, history)
+        else:
+            stored = await self.store.create(share_data.id, share_data.public_key, share_data.current_state)
         _load_into(share_data, stored)
         self._incarnations[share_data.id] = stored.incarnation
 

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from ..sharedata import GENESIS_HASH, TransactionRecord
 from ._base import StoreBase, not_open
@@ -195,20 +195,39 @@ class SQLiteStore(StoreBase):
 
     # -- writes ----------------------------------------------------------------------
 
-    async def create(self, share_data_id: str, public_key: Optional[str], current_state: Any) -> StoredShareData:
+    async def create(
+        self, share_data_id: str, public_key: Optional[str], current_state: Any, history: Sequence[TransactionRecord] = ()
+    ) -> StoredShareData:
         state_text = encode_json(current_state, f"the state of ShareData {share_data_id!r}")
-        return await self._call(self._create_sync, share_data_id, public_key, state_text)
-
-    def _create_sync(self, share_data_id: str, public_key: Optional[str], state_text: str) -> StoredShareData:
-        db = self._db()
-        db.execute(
-            "INSERT OR IGNORE INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
-            " VALUES (?, ?, ?, ?, 0, ?)",
-            (share_data_id, new_incarnation(), public_key, state_text, GENESIS_HASH),
-        )
-        stored = self._changes_sync(share_data_id, None, 0)
-        assert stored is not None
+        rows = [record_row(record) for record in history]
+        stored, written_over = await self._call(self._create_sync, share_data_id, public_key, state_text, rows)
+        if written_over:
+            self._notify_soon(share_data_id)
         return stored
+
+    def _create_sync(
+        self, share_data_id: str, public_key: Optional[str], state_text: str, rows: list[Any]
+    ) -> tuple[StoredShareData, bool]:
+        """Create the id (with ``rows``) unless it exists; with ``rows``, also over an empty history.
+
+        One transaction: no commit can land between the check and the write.
+        """
+        db = self._db()
+        written_over = False
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            existing = db.execute("SELECT last_id FROM safe_fast_share_data WHERE id = ?", (share_data_id,)).fetchone()
+            if existing is None or (rows and existing[0] == 0):
+                written_over = existing is not None
+                self._write_sync(db, share_data_id, new_incarnation(), public_key, state_text, rows)
+            stored = self._read_sync(db, share_data_id, None, 0)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        assert stored is not None
+        return stored, written_over
 
     async def _commit_batch(self, batch: list[tuple[str, str, tuple[Any, ...], str]]) -> list[Any]:
         return await self._call(self._commit_batch_sync, batch)
@@ -261,21 +280,33 @@ class SQLiteStore(StoreBase):
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = ?", (share_data_id,))
-            db.execute(
-                "INSERT OR REPLACE INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (share_data_id, incarnation, public_key, state_text, len(rows), rows[-1][7] if rows else GENESIS_HASH),
-            )
-            db.executemany(
-                f"INSERT INTO safe_fast_transactions (share_data_id, {_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(share_data_id, *row) for row in rows],
-            )
+            self._write_sync(db, share_data_id, incarnation, public_key, state_text, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _write_sync(
+        db: sqlite3.Connection,
+        share_data_id: str,
+        incarnation: str,
+        public_key: Optional[str],
+        state_text: str,
+        rows: list[Any],
+    ) -> None:
+        """The id as a whole (row and history), inside the caller's write transaction."""
+        db.execute("DELETE FROM safe_fast_transactions WHERE share_data_id = ?", (share_data_id,))
+        db.execute(
+            "INSERT OR REPLACE INTO safe_fast_share_data (id, incarnation, public_key, state, last_id, head_hash)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (share_data_id, incarnation, public_key, state_text, len(rows), rows[-1][7] if rows else GENESIS_HASH),
+        )
+        db.executemany(
+            f"INSERT INTO safe_fast_transactions (share_data_id, {_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(share_data_id, *row) for row in rows],
+        )
 
     async def remove(self, share_data_id: str) -> bool:
         removed = await self._call(self._remove_sync, share_data_id)
