@@ -280,3 +280,38 @@ async def test_a_history_that_does_not_verify_is_never_stored(store_url: str) ->
             await node.replace(tampered)
         stored = await store.load("X")
         assert stored is not None and stored.last_id == 0
+
+
+async def test_a_rule_judging_again_after_a_lost_race_holds_no_other_node_off(postgres_url: str) -> None:
+    async with open_store(postgres_url) as store_a, open_store(postgres_url) as store_b:
+        judging, judged = asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def slow_second_look(state: Any, proposed: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the evaluation after A's first commit lost
+                judging.set()
+                await asyncio.wait_for(judged.wait(), DEADLINE)
+            return True
+
+        slow = ShareFunction("slow", slow_second_look)
+        node_a = ShareDataManager(store=store_a)
+        node_b = ShareDataManager(store=store_b)
+        for node in (node_a, node_b):
+            await node.register(ShareData("X", current_state=0, functions=[SET, slow]))
+            await node.register(doc("Y"))
+        await node_b.apply_transaction("X", 1, SET)  # A is behind: its first commit loses
+        proposing = asyncio.ensure_future(node_a.apply_transaction("X", "A", slow))
+        await asyncio.wait_for(judging.wait(), DEADLINE)
+        # While A's rule runs again, B commits to X and to another id, in one batch.
+        on_x = asyncio.ensure_future(node_b.apply_transaction("X", "B", SET))
+        on_y = asyncio.ensure_future(node_b.apply_transaction("Y", "B", SET))
+        done, _ = await asyncio.wait([on_x, on_y], timeout=DEADLINE)
+        assert done == {on_x, on_y}, "B was held off while A's rule ran"
+        judged.set()
+        outcome = await asyncio.wait_for(proposing, DEADLINE)
+        # X moved under A's second look: A judged again, under the lock, and won.
+        assert calls == 3 and outcome.transaction_id == "3"
+        stored = await store_b.load("X")
+        assert stored is not None and [r.proposed_data for r in stored.records] == [1, "B", "A"]

@@ -13,9 +13,11 @@ them, up to some point) and the store's incarnation token for it.
   and the caller announces it. Lost: the store answered with what it lost
   to; the cache catches up (or learns of a replacement or removal) and the
   rule is evaluated again, at most ``MAX_EVALUATIONS`` times in all. After
-  the first loss the retry runs under ``store.hold(id)``, which keeps other
-  nodes from committing to that id meanwhile, so a node never starves
-  behind a busy peer.
+  the first loss the retry commits under ``store.hold(id)``, which keeps
+  other nodes from committing to that id meanwhile, so a node never starves
+  behind a busy peer. The lock is taken once the rule has run again, not
+  before: a slow rule does not hold other nodes (and their batches of other
+  ids) off; only when the id moved in between does the rule run under it.
 * **Refresh** (:meth:`StoreReplica.refresh`): read what the store holds
   beyond the cache and apply it. Concurrent refreshes of one id are
   coalesced, but never onto a read that started before the refresh was
@@ -247,6 +249,7 @@ class StoreReplica:
         """
         async with contextlib.AsyncExitStack() as stack:
             store = self.store
+            lost_once = held = False
             for _ in range(MAX_EVALUATIONS):
                 if share_data_id in self._stale:
                     await self._refresh_now(share_data_id, store)
@@ -257,6 +260,18 @@ class StoreReplica:
                 accepted = await evaluate(function, state, proposed_data)
                 if self._cache.get(share_data_id) is not share_data or share_data.current_state is not state:
                     continue  # changed while the rule ran: judge the new state
+                if lost_once and not held:
+                    # Lost once: take the lock now, after the rule ran (its
+                    # time is not spent holding other nodes off), and catch
+                    # up with what committed before it. Unchanged: the
+                    # verdict stands (and, where hold is a row lock, the
+                    # commit cannot lose); else the rule runs again, under
+                    # the lock this time.
+                    store = await stack.enter_async_context(self.store.hold(share_data_id))
+                    held = True
+                    await self._refresh_now(share_data_id, store)
+                    if self._cache.get(share_data_id) is not share_data or share_data.current_state is not state:
+                        continue
                 record = share_data._next_record(function.id, proposed_data, accepted, proof)
                 after = proposed_data if accepted else state
                 try:
@@ -279,9 +294,7 @@ class StoreReplica:
                     return share_data, record, after
                 if self._cache.get(share_data_id) is share_data:
                     self._apply(share_data, lost)
-                if store is self.store:
-                    store = await stack.enter_async_context(self.store.hold(share_data_id))
-                    self._stale.add(share_data_id)  # catch up with what committed before the lock
+                lost_once = True
         raise RuntimeError(
             f"the history of ShareData {share_data_id!r} moved on while the rule of {function.label!r} ran,"
             f" {MAX_EVALUATIONS} times in a row; nothing recorded"

@@ -147,7 +147,9 @@ class SQLiteStore(StoreBase):
             await self._call(self._close_sync)
         finally:
             executor, self._executor = self._executor, None
-            executor.shutdown(wait=True)
+            # Joined off the event loop: a job still running (a close whose
+            # call above was cancelled) must not block the loop meanwhile.
+            await asyncio.to_thread(executor.shutdown, True)
 
     def _close_sync(self) -> None:
         connection, self._connection = self._connection, None
