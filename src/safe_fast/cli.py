@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         return _serve(settings, argv)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{PROG}: {'error' if exc.status == EXIT_USAGE else 'unavailable'}: {exc}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
         return 130

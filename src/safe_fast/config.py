@@ -35,6 +35,7 @@ from .server.connection import DEFAULT_REPLAY_TIMEOUT
 
 __all__ = [
     "ConfigError",
+    "TemporarilyUnavailable",
     "IssuerSettings",
     "Option",
     "OPTIONS",
@@ -53,7 +54,10 @@ STORE_SCHEMES = ("memory", "sqlite", "postgresql", "postgres")
 
 
 class ConfigError(ValueError):
-    """One bad setting: ``key`` names it, ``source`` where it came from."""
+    """One bad setting: ``key`` names it, ``source`` where it came from (exit status :attr:`status`)."""
+
+    status = 2
+    """Restarting would not fix it."""
 
     def __init__(self, key: str, why: str, source: str = "") -> None:
         self.key = key
@@ -61,6 +65,16 @@ class ConfigError(ValueError):
         self.source = source
         where = f" ({source})" if source else ""
         super().__init__(f"{key}{where}: {why}")
+
+
+class TemporarilyUnavailable(ConfigError):
+    """Something the setting names cannot be reached now (a store, the app's own connections).
+
+    Exit status 75 (``EX_TEMPFAIL``): starting again later may work, so a
+    supervisor or systemd restarts it.
+    """
+
+    status = 75
 
 
 # -- value types ---------------------------------------------------------------------
@@ -81,7 +95,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _integer(minimum: int) -> Callable[[Any], int]:
+def _integer(minimum: int, maximum: Optional[int] = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError(f"must be an integer, got {_show(value)}")
@@ -94,6 +108,8 @@ def _integer(minimum: int) -> Callable[[Any], int]:
             raise ValueError(f"must be an integer, got {_show(value)}")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -256,9 +272,9 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     # where to listen
     Option("host", _host, "127.0.0.1", "address to listen on", "ADDR"),
-    Option("port", _integer(0), 8000, "TCP port (0: any free port)", "PORT"),
+    Option("port", _integer(0, 65535), 8000, "TCP port (0: any free port)", "PORT"),
     Option("path", _path, "/realtime", "WebSocket path", "PATH"),
-    Option("backlog", _integer(1), None, "listen backlog (default: the system's somaxconn)", "N"),
+    Option("backlog", _integer(1, 2**31 - 1), None, "listen backlog (default: the system's somaxconn)", "N"),
     Option("ssl_certfile", _nonempty, None, "PEM certificate chain: serve wss:// (and https health) itself", "FILE"),
     Option("ssl_keyfile", _nonempty, None, "PEM private key of ssl_certfile", "FILE"),
     # shared state

@@ -7,7 +7,7 @@ gets no answer means the process is stuck or gone.
 dependency check passed on its last run; otherwise 503 with a JSON body
 naming why, e.g. ``{"status": "unavailable", "reasons": {"redis": "ConnectionError: ..."}}``.
 The HTTP handlers are synchronous (picows' upgrade path is), so the checks
-(a Redis ``PING``, a store round trip) run in a background task every
+(``safe-fast serve`` passes one: a Redis ``PING``) run in a background task every
 ``interval`` seconds, each bounded by ``timeout``, and the handler reads
 their last result. A graceful shutdown calls :meth:`Readiness.stop_accepting`
 first, so load balancers stop sending clients before any is closed.

@@ -6,7 +6,10 @@ Theory of operation
 :func:`prepare` does everything that can fail because of a setting before
 anything listens: it imports the application, opens the store, calls the
 application with the manager, builds the JWT issuers and the Redis client.
-A failure there is a :class:`~safe_fast.config.ConfigError` (exit status 2).
+A failure there is a :class:`~safe_fast.config.ConfigError` (exit status 2),
+or, when something it names cannot be reached now (the store, or the app's
+own connections), :class:`~safe_fast.config.TemporarilyUnavailable` (75:
+starting again later may work). Whatever was opened is closed again.
 
 :func:`start` then attaches the server, the health routes and the metrics,
 and :func:`run_until_signal` waits for SIGTERM or SIGINT. The graceful
@@ -16,16 +19,22 @@ shutdown, all within ``shutdown_timeout``:
    accepting, so load balancers see it before connections are refused);
 2. the listener closes; proposals under way finish and are answered;
 3. every client gets what is queued for it, then a 1001 close;
-4. the Redis registry sends what it still holds, Redis and the store close.
+4. the Redis registry sends what it still holds, then Redis and the store
+   close (what was opened is closed in the reverse order).
 
 Exit status 0 when that finished in time, 1 when it had to drop
-connections. A second signal ends the process at once (status 128 + signal).
+connections. A second signal ends the process at once (status 128 +
+signal), except in a worker: its supervisor forwards the signal it got, and
+a process manager may have signalled the worker too, so a worker goes on
+with its graceful shutdown (the supervisor kills it if that takes too
+long). A signal that arrives while the process is still starting stops the
+start, closes what was opened and exits 0. A worker also stops when its
+supervisor goes away (on Linux the kernel sends it SIGTERM then).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import inspect
 import logging
@@ -37,7 +46,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Optional
 
-from .config import ConfigError, Settings, mask_url
+from .config import ConfigError, Settings, TemporarilyUnavailable, mask_url
 from .health import Readiness
 from .registry import InMemoryChannelRegistry
 from .replay import InMemoryReplayStore
@@ -76,18 +85,22 @@ def load_app(spec: str) -> App:
     return target
 
 
-async def open_manager(store_url: str, closers: list[Callable[[], Awaitable[Any]]]) -> ShareDataManager:
+async def open_manager(
+    store_url: str, closers: list[Callable[[], Awaitable[Any]]], source: str = ""
+) -> ShareDataManager:
     """The manager for ``store_url``: ``memory://`` keeps ShareData in this process only (and
     the app may use the synchronous methods); any other opens that store (docs/store.md)."""
     if store_url.partition("://")[0].lower() == "memory":
         return ShareDataManager()
-    from .store import StoreError, open_store
+    from .store import StoreError, StoreUnavailable, open_store
 
     store = open_store(store_url)
     try:
         await store.open()
+    except StoreUnavailable as exc:
+        raise TemporarilyUnavailable("store_url", str(exc), source) from None
     except StoreError as exc:
-        raise ConfigError("store_url", str(exc)) from None
+        raise ConfigError("store_url", str(exc), source) from None
     manager = ShareDataManager(store=store)
 
     async def close_store() -> None:
@@ -158,17 +171,36 @@ async def prepare(settings: Settings) -> Prepared:
     """Import and call the application, open the store, Redis and the issuers; ConfigError if any is wrong."""
     app = load_app(settings.app)
     closers: list[Callable[[], Awaitable[Any]]] = []
-    manager = await open_manager(settings.store_url, closers)
+    manager = await open_manager(settings.store_url, closers, settings.sources.get("store_url", ""))
+    try:
+        return await _prepare_app(settings, app, manager, closers)
+    except BaseException:
+        await close_all(closers)
+        raise
+
+
+async def close_all(closers: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Run ``closers`` newest first (what was opened last closes first), each failure only logged."""
+    for close in reversed(closers):
+        try:
+            await close()
+        except Exception as exc:
+            logger.warning("closing %s failed: %r", getattr(close, "__qualname__", close), exc)
+
+
+async def _prepare_app(
+    settings: Settings, app: App, manager: ShareDataManager, closers: list[Callable[[], Awaitable[Any]]]
+) -> Prepared:
     try:
         result = app(manager)
         if inspect.isawaitable(result):
             result = await result
     except ConfigError:
         raise
+    except (OSError, asyncio.TimeoutError) as exc:
+        # A connection of the app's own: it may well work on the next start.
+        raise TemporarilyUnavailable("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
     except Exception as exc:
-        for close in closers:
-            with contextlib.suppress(Exception):
-                await close()
         raise ConfigError("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
     hooks = _hooks_of(result)
     prepared = Prepared(settings, manager, hooks, closers=closers)
@@ -276,8 +308,9 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
         registry = RedisChannelRegistry(prepared.redis)
         replay_store = RedisReplayStore(prepared.redis, settings.replay_buffer_size)
         checks["redis"] = prepared.redis.ping
-        prepared.closers.append(registry.close)
+        # Closed newest first: the registry sends what it holds, then the client closes.
         prepared.closers.append(prepared.redis.aclose if hasattr(prepared.redis, "aclose") else prepared.redis.close)
+        prepared.closers.append(registry.close)
     else:
         registry = InMemoryChannelRegistry()
         replay_store = InMemoryReplayStore(settings.replay_buffer_size)
@@ -300,18 +333,25 @@ async def start(prepared: Prepared, *, reuse_port: bool = False) -> Running:
     )
     readiness = Readiness(checks).install(server)
     running = Running(server, readiness, prepared)
-    if prepared.issuers is not None:
-        running.tasks.extend(prepared.issuers.start_periodic_refresh())
-    if settings.metrics:
-        from .metrics import ServerMetrics
+    try:
+        if prepared.issuers is not None:
+            running.tasks.extend(prepared.issuers.start_periodic_refresh())
+        if settings.metrics:
+            from .metrics import ServerMetrics
 
-        running.metrics = ServerMetrics().install(server)
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            # Another worker may answer the scrape: keep this one's gauges current.
-            running.tasks.append(asyncio.ensure_future(_refresh_every(running.metrics.refresh, 1.0)))
-    await readiness.check_now()
-    readiness.accepting = True
-    readiness.start()
+            running.metrics = ServerMetrics().install(server)
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                # Another worker may answer the scrape: keep this one's gauges current.
+                running.tasks.append(asyncio.ensure_future(_refresh_every(running.metrics.refresh, 1.0)))
+        await readiness.check_now()
+        readiness.accepting = True
+        readiness.start()
+    except BaseException:
+        for task in running.tasks:
+            task.cancel()
+        await readiness.close()
+        await server.close(timeout=1.0)
+        raise
     return running
 
 
@@ -338,7 +378,7 @@ async def shutdown(running: Running, timeout: float) -> bool:
     for task in running.tasks:
         task.cancel()
     await running.readiness.close()
-    for close in running.prepared.closers:
+    for close in reversed(running.prepared.closers):
         try:
             await asyncio.wait_for(close(), max(0.1, deadline - loop.time()))
         except Exception as exc:
@@ -349,32 +389,62 @@ async def shutdown(running: Running, timeout: float) -> bool:
     return clean
 
 
-async def run_until_signal(running: Running, *, watch_parent: Optional[int] = None) -> int:
-    """Serve until SIGTERM/SIGINT (or the supervisor ``watch_parent`` goes away); the exit status."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[int] = []
+class _StopSignals:
+    """SIGTERM/SIGINT (and, for a worker, its supervisor going away) set :attr:`stop`.
 
-    def on_signal(signum: int) -> None:
-        if received:
-            logger.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+    A second signal ends the process at once, except in a worker (see the
+    module docstring).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, watch_parent: Optional[int]) -> None:
+        self.stop = asyncio.Event()
+        self.received: list[int] = []
+        self._loop = loop
+        self._worker = watch_parent is not None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        self._watcher: Optional[asyncio.Task[None]] = None
+        if watch_parent is not None:
+            _die_with_parent()
+            self._watcher = asyncio.ensure_future(_watch_parent(watch_parent, self.stop))
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            if self._worker:
+                logger.info("%s again: already shutting down", name)
+                return
+            logger.warning("second signal (%s): exiting now", name)
             logging.shutdown()
             os._exit(128 + signum)
-        received.append(signum)
-        logger.info("received %s: shutting down gracefully", signal.Signals(signum).name)
-        stop.set()
+        self.received.append(signum)
+        logger.info("received %s: shutting down gracefully", name)
+        self.stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    watcher = asyncio.ensure_future(_watch_parent(watch_parent, stop)) if watch_parent else None
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.remove_signal_handler(signum)
+            if self._worker and self.received:
+                # Shut down already: the signal the supervisor forwards may
+                # still be on its way, and must not turn a clean exit into a kill.
+                signal.signal(signum, signal.SIG_IGN)
+
+
+async def run_until_signal(running: Running, *, watch_parent: Optional[int] = None) -> int:
+    """Serve until SIGTERM/SIGINT (or the supervisor ``watch_parent`` goes away); the exit status."""
+    signals = _StopSignals(asyncio.get_running_loop(), watch_parent)
     try:
-        await stop.wait()
-        timeout = running.prepared.settings.shutdown_timeout
-        clean = await shutdown(running, timeout)
+        return await _serve_until_stopped(running, signals)
     finally:
-        if watcher is not None:
-            watcher.cancel()
-    if not clean:
+        signals.close()
+
+
+async def _serve_until_stopped(running: Running, signals: _StopSignals) -> int:
+    await signals.stop.wait()
+    timeout = running.prepared.settings.shutdown_timeout
+    if not await shutdown(running, timeout):
         logger.warning("shutdown did not finish cleanly within %gs", timeout)
         return 1
     logger.info("stopped")
@@ -389,22 +459,63 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False, watch_parent: Optional[int] = None) -> int:
-    """Prepare, start and run one server process; ConfigError before anything listens."""
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies (``PR_SET_PDEATHSIG``).
+
+    :func:`_watch_parent` covers the other systems, within a second.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.debug("PR_SET_PDEATHSIG is not available", exc_info=True)
+
+
+async def _prepare_and_start(settings: Settings, reuse_port: bool) -> Running:
     prepared = await prepare(settings)
     try:
-        running = await start(prepared, reuse_port=reuse_port)
-    except OSError as exc:
-        for close in prepared.closers:
-            with contextlib.suppress(Exception):
-                await close()
-        raise ConfigError("port", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-    server = running.server
-    logger.info(
-        "safe-fast serving %s on %s (pid %d, %s)",
-        settings.app,
-        server.url,
-        os.getpid(),
-        "redis " + mask_url(settings.redis_url) if settings.redis_url else "in-memory fan-out",
-    )
-    return await run_until_signal(running, watch_parent=watch_parent)
+        return await start(prepared, reuse_port=reuse_port)
+    except BaseException as exc:
+        await close_all(prepared.closers)
+        if isinstance(exc, socket.gaierror):
+            raise ConfigError("host", f"cannot resolve {settings.host!r}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise ConfigError(
+                "port", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from None
+        raise
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, watch_parent: Optional[int] = None) -> int:
+    """Prepare, start and run one server process; ConfigError before anything listens.
+
+    The signals are taken from the start: one that arrives while the server
+    is still starting stops the start and closes what it opened (status 0).
+    """
+    signals = _StopSignals(asyncio.get_running_loop(), watch_parent)
+    try:
+        starting = asyncio.ensure_future(_prepare_and_start(settings, reuse_port))
+        stopping = asyncio.ensure_future(signals.stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            logger.info("stopped before serving")
+            return 0
+        running = starting.result()
+        server = running.server
+        logger.info(
+            "safe-fast serving %s on %s (pid %d, %s)",
+            settings.app,
+            server.url,
+            os.getpid(),
+            "redis " + mask_url(settings.redis_url) if settings.redis_url else "in-memory fan-out",
+        )
+        return await _serve_until_stopped(running, signals)
+    finally:
+        signals.close()

@@ -603,7 +603,7 @@ class RedisChannelRegistry:
 
     async def _work(self) -> None:
         ops = self._ops
-        while True:
+        while not self._closed:  # (see _read)
             if not ops:
                 self._wake_worker.clear()
                 await self._wake_worker.wait()
@@ -753,7 +753,9 @@ class RedisChannelRegistry:
     # -- the pub/sub reader --------------------------------------------------------
 
     async def _read(self) -> None:
-        while True:
+        # Until closed, not only until cancelled: redis-py can swallow a
+        # cancellation that lands as get_message's own timeout expires.
+        while not self._closed:
             if self._broken:
                 await self._reconnect()
                 continue

@@ -12,11 +12,16 @@ every subscriber on every worker gets every broadcast) and the metrics
 directory (``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics``
 answers for all of them).
 
-A worker that exits with status 2 found a bad setting (the one line saying
-which is on stderr): nothing would fix it by restarting, so the supervisor
-stops the others and exits 2 too. A worker that exits otherwise while the
-supervisor is not stopping is logged and started again, after a delay that doubles (up to 10 s) while workers keep
-dying within 10 s of their start, so a crash loop does not spin. Workers run
+A worker that exits with status 2 while the service is starting (within
+:data:`_STARTUP_WINDOW` seconds of the supervisor's start) found a bad
+setting (the one line saying which is on stderr): nothing would fix it by
+restarting, so the supervisor stops the others and exits 2 too. Later, the
+same status from a restarted worker is more likely a passing fault met on
+the way up, and it is restarted like any other: a worker that exits while
+the supervisor is not stopping is logged and started again, after a delay
+that doubles (up to 10 s) while workers keep dying within 10 s of their
+start, so a crash loop does not spin (status 75, something temporarily
+unreachable, is the expected one then). Workers run
 in their own session: a terminal's Ctrl-C reaches the supervisor only, and it
 forwards one SIGTERM to each worker (each then shuts down gracefully); a
 second signal kills them all at once. A worker whose supervisor is gone (its
@@ -35,7 +40,7 @@ import tempfile
 import time
 from typing import Optional
 
-from .config import Settings
+from .config import Settings, mask_url
 
 __all__ = ["supervise"]
 
@@ -44,6 +49,8 @@ logger = logging.getLogger("safe_fast.supervisor")
 _POLL_SECONDS = 0.1
 _MAX_RESTART_DELAY = 10.0
 _STABLE_AFTER = 10.0
+_STARTUP_WINDOW = 10.0
+"""Seconds after the supervisor starts during which a worker's status 2 stops the service."""
 
 
 class _Worker:
@@ -90,6 +97,13 @@ def supervise(settings: Settings, argv: list[str]) -> int:
             " proposals through different workers make different histories",
             settings.store_url,
         )
+    elif settings.store_url.startswith("sqlite:"):
+        logger.warning(
+            "store_url is %s: every worker writes that one file, and SQLite lets one writer in at a time"
+            " (fine for a few workers; PostgreSQL for more, see docs/store.md)",
+            mask_url(settings.store_url),
+        )
+    starting_until = time.monotonic() + _STARTUP_WINDOW
     try:
         for worker in workers:
             spawn(worker)
@@ -99,7 +113,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
                 process = worker.process
                 if process is not None and process.poll() is not None:
                     _forget_metrics(process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
-                    if process.returncode == 2:
+                    if process.returncode == 2 and now < starting_until:
                         logger.error("worker %d found a bad setting; stopping", worker.index)
                         worker.process = None
                         _stop(workers, settings.shutdown_timeout, signals, env["PROMETHEUS_MULTIPROC_DIR"])

@@ -50,6 +50,14 @@ def no_hooks(manager: ShareDataManager) -> None:
     counter_app(manager)
 
 
+async def hangs_at_start(manager: ShareDataManager) -> Any:
+    """Says it was called (the file named by ``SAFE_FAST_TEST_MARKER``), then never finishes starting."""
+    with open(os.environ["SAFE_FAST_TEST_MARKER"], "w") as marker:
+        marker.write(str(os.getpid()))
+    await asyncio.sleep(3600)
+    return counter_app(manager)
+
+
 def raises(manager: ShareDataManager) -> None:
     raise RuntimeError("the application failed to start")
 

@@ -192,6 +192,26 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert ("warning", "ignoring SAFE_FAST_PROT: no setting has that name") in messages
 
 
+async def test_a_signal_while_starting_stops_the_start_and_exits_0(tmp_path: Path) -> None:
+    marker, log = tmp_path / "called", tmp_path / "serve.log"
+    serve = Serve(
+        "serve_apps:hangs_at_start",
+        "--store-url", f"sqlite:///{tmp_path / 'store.db'}",
+        env={"SAFE_FAST_TEST_MARKER": str(marker)},
+        log=log,
+    )  # fmt: skip
+    serve.start(wait=False)
+    try:
+        await eventually(lambda: marker.exists(), "the app called (the store is open)")
+        serve.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(serve.wait) == 0, log.read_text()
+    finally:
+        await asyncio.to_thread(serve.stop)
+    text = log.read_text()
+    assert "received SIGTERM: shutting down gracefully" in text and "stopped before serving" in text
+    assert "Traceback" not in text
+
+
 async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:

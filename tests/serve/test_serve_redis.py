@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -73,7 +74,9 @@ async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_
     redis: RedisProcess, tmp_path: Path
 ) -> None:
     log = tmp_path / "serve.log"
-    serve = Serve("serve_apps:workers", "--workers", "2", "--redis-url", redis.url, log=log)
+    # A shutdown that takes a second: the signal the supervisor forwards
+    # arrives while the workers are still shutting down.
+    serve = Serve("serve_apps:workers", "--workers", "2", "--redis-url", redis.url, "--shutdown-delay", "1", log=log)
     await asyncio.to_thread(serve.start)
     clients: list[Any] = []
     try:
@@ -110,10 +113,16 @@ async def test_two_workers_share_the_port_and_every_broadcast_and_a_dead_one_is_
     finally:
         for ws in clients:
             ws.transport.abort()
+        # As systemd's default KillMode=control-group does: SIGTERM to the
+        # supervisor and to every worker; the supervisor forwards one more.
         serve.signal(signal.SIGTERM)
+        for pid in serving_pids(log):
+            with contextlib.suppress(ProcessLookupError):  # the one killed above
+                os.kill(pid, signal.SIGTERM)
         status = await asyncio.to_thread(serve.wait)
         await asyncio.to_thread(serve.stop)
     assert status == 0, log.read_text()
+    assert "already shutting down" in log.read_text()
     for pid in worker_pids(log):
         await eventually(lambda: not _alive(pid), f"worker {pid} gone")
 
