@@ -58,6 +58,11 @@ async def hangs_at_start(manager: ShareDataManager) -> Any:
     return counter_app(manager)
 
 
+async def durable_no_hooks(manager: ShareDataManager) -> None:
+    """Registers a ShareData through the manager's store and returns no hooks (nothing authenticates)."""
+    await manager.register(ShareData("counter", current_state={"count": 0}))
+
+
 def raises(manager: ShareDataManager) -> None:
     raise RuntimeError("the application failed to start")
 

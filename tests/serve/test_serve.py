@@ -8,12 +8,15 @@ import shutil
 import signal
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
-from safe_fast import Backoff, RealtimeClient
+from safe_fast import Backoff, RealtimeClient, open_store
+from safe_fast.config import ConfigError, load_settings
+from safe_fast.runner import prepare
 from serve_helpers import (
     Serve,
     closed_with,
@@ -210,6 +213,21 @@ async def test_a_signal_while_starting_stops_the_start_and_exits_0(tmp_path: Pat
     text = log.read_text()
     assert "received SIGTERM: shutting down gracefully" in text and "stopped before serving" in text
     assert "Traceback" not in text
+
+
+def sqlite_threads() -> int:
+    return sum(thread.name.startswith("safe_fast-sqlite") for thread in threading.enumerate())
+
+
+async def test_a_setting_refused_after_the_store_opened_closes_the_store_again(tmp_path: Path) -> None:
+    before = sqlite_threads()
+    settings = load_settings("serve_apps:durable_no_hooks", {"store_url": f"sqlite:///{tmp_path / 'store.db'}"}, environ={})
+    with pytest.raises(ConfigError, match="nothing authenticates connections"):
+        await prepare(settings)
+    await eventually(lambda: sqlite_threads() == before, "the store's thread gone")
+    # The file is not held either: another store opens it and writes at once.
+    async with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        await store.create("x", None, 0)
 
 
 async def test_tls_on_the_listener_serves_wss_and_https_health(tmp_path: Path) -> None:
