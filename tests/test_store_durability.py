@@ -197,7 +197,8 @@ async def test_safe_fast_serve_keeps_its_state_in_the_store_url_it_is_given(tmp_
     await served(2)  # the count survived the restart
 
 
-def test_safe_fast_serve_refuses_an_unreachable_store_with_exit_2() -> None:
+def test_safe_fast_serve_says_an_unreachable_store_is_unavailable_with_exit_75() -> None:
+    # 75 (EX_TEMPFAIL): the service manager starts it again later; 2 would stop it for good.
     import subprocess
 
     closed = free_port()
@@ -208,6 +209,7 @@ def test_safe_fast_serve_refuses_an_unreachable_store_with_exit_2() -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2, result.stderr
-    assert "store_url" in result.stderr and "cannot reach PostgreSQL" in result.stderr
-    assert "secret" not in result.stderr
+    assert result.returncode == 75, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("safe-fast: unavailable: store_url (--store-url): "), lines
+    assert "cannot reach PostgreSQL" in lines[0] and "secret" not in lines[0]

@@ -315,3 +315,46 @@ async def test_a_rule_judging_again_after_a_lost_race_holds_no_other_node_off(po
         assert calls == 3 and outcome.transaction_id == "3"
         stored = await store_b.load("X")
         assert stored is not None and [r.proposed_data for r in stored.records] == [1, "B", "A"]
+
+
+async def test_a_replacement_waiting_for_a_transaction_does_not_bring_back_an_id_removed_meanwhile() -> None:
+    async with open_store("memory://") as store:
+        node_a, node_b = ShareDataManager(store=store), ShareDataManager(store=store)
+        await node_a.register(doc())
+        await node_b.register(doc())
+        go = asyncio.Event()
+        commit = store.commit
+
+        async def commit_later(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.wait_for(go.wait(), DEADLINE)
+            return await commit(*args, **kwargs)
+
+        store.commit = commit_later  # type: ignore[method-assign]
+        proposing = asyncio.ensure_future(node_a.apply_transaction("X", 1, SET))
+        await asyncio.sleep(0)  # A's transaction holds the id's lock, waiting to commit
+        replacing = asyncio.ensure_future(node_a.replace(doc(state="new")))
+        assert await node_b.remove("X")  # another node removes it meanwhile
+        go.set()
+        results = await asyncio.wait_for(asyncio.gather(proposing, replacing, return_exceptions=True), DEADLINE)
+        assert all(isinstance(result, KeyError) for result in results), results
+        assert await store.load("X") is None and node_a.get_share_data_by_id("X") is None
+
+
+async def test_a_rule_may_replace_its_own_share_data() -> None:
+    async with open_store("memory://") as store:
+        node = ShareDataManager(store=store)
+        calls = 0
+
+        async def resets_first(state: Any, proposed: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await node.replace(ShareData("X", current_state="reset", functions=[SET, resetting]))
+            return True
+
+        resetting = ShareFunction("reset", resets_first)
+        await node.register(ShareData("X", current_state=0, functions=[SET, resetting]))
+        outcome = await asyncio.wait_for(node.apply_transaction("X", "after", resetting), DEADLINE)
+        # Judged again against the replacement, and recorded on its history.
+        assert calls == 2 and outcome.transaction_id == "1"
+        assert node.get_share_data_by_id("X").current_state == "after"  # type: ignore[union-attr]

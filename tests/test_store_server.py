@@ -212,6 +212,34 @@ async def test_each_node_counts_only_the_broadcasts_it_makes(durable_url: str) -
         await node_b.stop()
 
 
+async def test_a_replacement_by_another_node_reaches_subscribers_of_an_in_process_registry(
+    durable_url: str,
+) -> None:
+    # No shared registry: this node tells its own subscribers, and its
+    # next transactions (ids from 1 again) reach them.
+    node_a, node_b = await Node(durable_url).start(), await Node(durable_url).start()
+    try:
+        async with node_b.connect() as on_b:
+            for n in range(1, 4):
+                await node_b.manager.apply_transaction("doc", {"v": n}, PUT)
+            assert (await subscribe(on_b))["lastTransactionId"] == "3"
+            await node_a.manager.replace(ShareData("doc", current_state={"v": "new"}, functions=[PUT]))
+            await node_b.manager.refresh("doc")
+            lifecycle = await recv(on_b)
+            assert (lifecycle["type"], lifecycle["event"], lifecycle["currentState"]) == (
+                "lifecycle",
+                "updated",
+                {"v": "new"},
+            )
+            for n in (1, 2):
+                await node_b.manager.apply_transaction("doc", {"v": f"new-{n}"}, PUT)
+            frames = [await recv(on_b) for _ in range(2)]
+            assert [(f["type"], f["transactionId"]) for f in frames] == [("transaction", "1"), ("transaction", "2")]
+    finally:
+        await node_a.stop()
+        await node_b.stop()
+
+
 class TcpProxy:
     """127.0.0.1:<port> -> target. ``cut()`` aborts every connection and refuses
     new ones; ``stall()`` holds every byte (a database that stops answering)

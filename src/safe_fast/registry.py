@@ -89,9 +89,17 @@ class ChannelRegistry(Protocol):
 
     def remove_connection(self, connection: Any) -> Union[None, Awaitable[None]]: ...
 
+    # Optional: ``shared = False`` says broadcasts reach this process's
+    # subscribers only (then the server announces other nodes' replacements
+    # and removals itself); a registry without the attribute counts as shared.
+
 
 class InMemoryChannelRegistry:
     """Subscriptions of this process, fan-out in this process."""
+
+    shared = False
+    """Not shared with other nodes: what another node changes (learnt from a
+    shared store) is announced to this registry's subscribers by this node."""
 
     def __init__(self) -> None:
         # An insertion-ordered dict per channel: O(1) add/remove, and frames

@@ -35,12 +35,14 @@ supervisor goes away (on Linux the kernel sends it SIGTERM then).
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import inspect
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import ssl as ssl_module
 import sys
 from dataclasses import dataclass, field
@@ -97,9 +99,9 @@ async def open_manager(
     store = open_store(store_url)
     try:
         await store.open()
-    except StoreUnavailable as exc:
-        raise TemporarilyUnavailable("store_url", str(exc), source) from None
     except StoreError as exc:
+        if isinstance(exc, StoreUnavailable) and _passing(exc):
+            raise TemporarilyUnavailable("store_url", str(exc), source) from None
         raise ConfigError("store_url", str(exc), source) from None
     manager = ShareDataManager(store=store)
 
@@ -109,6 +111,38 @@ async def open_manager(
 
     closers.append(close_store)
     return manager
+
+
+_PASSING_ERRNOS = frozenset(
+    (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
+)
+# asyncpg's refusals that mean "not now" (a database starting up, its connections all taken).
+_PASSING_ERROR_NAMES = frozenset(("CannotConnectNowError", "TooManyConnectionsError"))
+
+
+def _passing(error: Optional[BaseException]) -> bool:
+    """Whether ``error`` is a failure to reach something that may answer later.
+
+    A connection refused, reset or timed out, a name the resolver could not
+    look up just now, a database starting up or full, an SQLite file locked
+    by another writer. Not: a wrong password or database name, a missing
+    directory, a permission: starting again would only fail again.
+    """
+    for _ in range(8):  # the error, then what it was raised from (a StoreUnavailable's cause)
+        if error is None:
+            return False
+        if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+            return True
+        if isinstance(error, socket.gaierror):
+            return error.errno == socket.EAI_AGAIN
+        if isinstance(error, OSError) and error.errno in _PASSING_ERRNOS:
+            return True
+        if type(error).__name__ in _PASSING_ERROR_NAMES:
+            return True
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _hooks_of(result: Any) -> dict[str, Any]:
@@ -197,11 +231,11 @@ async def _prepare_app(
             result = await result
     except ConfigError:
         raise
-    except (OSError, asyncio.TimeoutError) as exc:
+    except Exception as exc:
+        if not _passing(exc):
+            raise ConfigError("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
         # A connection of the app's own: it may well work on the next start.
         raise TemporarilyUnavailable("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
-    except Exception as exc:
-        raise ConfigError("app", f"{settings.app} raised {type(exc).__name__}: {exc}") from None
     hooks = _hooks_of(result)
     prepared = Prepared(settings, manager, hooks, closers=closers)
     if settings.jwt_issuers:

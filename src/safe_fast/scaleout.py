@@ -51,9 +51,9 @@ client's gap detection fetches it by replay), and each subscriber keeps its
 snapshot's ``lastTransactionId`` so frames at or below it skip it. A
 ``lifecycle`` frame starts a new epoch (a replaced ShareData may count its
 ids from 1 again): the marks are reset. It has no id to compare, so a
-``lifecycle`` payload identical to the frame delivered just before it on
-the channel is taken for a copy (a PUBLISH retried after a timeout may land
-twice) and dropped.
+``lifecycle`` payload identical to the payload Redis delivered just before
+it on the channel is taken for a copy (a PUBLISH retried after a timeout may
+land twice): the marks are reset again, but it is not delivered twice.
 
 When the pub/sub connection fails, or stays silent after a PING for longer
 than ``command_timeout``, the reader reports it to ``on_error``, waits a
@@ -309,12 +309,12 @@ class _Delivery:
         self.mark = NO_TRANSACTION
         """The highest transaction id delivered here in this epoch."""
         self.lifecycle: Optional[bytes] = None
-        """The payload of the last frame delivered here, when it was a ``lifecycle`` one."""
+        """The last payload Redis delivered on the channel (an own echo included), when it was a ``lifecycle`` one."""
         self.newest = NO_TRANSACTION
         """An upper bound of the subscribers' snapshot ids: frames above it go to all."""
-        self.own: deque[tuple[Any, bytes]] = deque()
+        self.own: deque[tuple[Any, bytes, bool]] = deque()
         """This node's PUBLISHes whose echo has not come back: (id, or the payload for a frame
-        without one; the payload), oldest first."""
+        without one; the payload; whether it is a ``lifecycle`` frame), oldest first."""
 
 
 def _log_error(error: BaseException) -> None:
@@ -347,6 +347,9 @@ class RedisChannelRegistry:
     Use it from inside the event loop (its tasks start on first use) and
     ``await registry.close()`` when done.
     """
+
+    shared = True
+    """Shared by every node: another node's frames, ``lifecycle`` ones included, come through it."""
 
     def __init__(
         self,
@@ -423,10 +426,12 @@ class RedisChannelRegistry:
 
     def subscribe(self, share_data_id: str, connection: Any) -> None:
         subscribers = self._local.get(share_data_id)
+        delivery = self._deliveries.get(share_data_id)
         if subscribers is None:
             subscribers = self._local[share_data_id] = {}
             self._enqueue((_SUBSCRIBE, self._channel(share_data_id)))
-        delivery = self._deliveries.get(share_data_id)
+            if delivery is not None:
+                delivery.lifecycle = None  # subscribed again: what came before is no copy to compare with
         if delivery is None:
             delivery = self._deliveries[share_data_id] = _Delivery()
         # Again for a subscriber already here (it keeps its place): it has just
@@ -458,6 +463,7 @@ class RedisChannelRegistry:
             return
         delivery = self._deliveries.get(share_data_id)
         echo: Any = None
+        kind: Any = None
         if delivery is not None:
             kind, sequence = kind_and_number(message)
             echo = payload if sequence is None else sequence
@@ -467,10 +473,8 @@ class RedisChannelRegistry:
             if sequence is not None:
                 if sequence > delivery.mark:
                     delivery.mark = sequence
-                delivery.lifecycle = None
             elif kind == "lifecycle":
                 self._new_epoch(delivery, subscribers)
-                delivery.lifecycle = payload
         if self._pending_publishes >= self.max_pending_publishes:
             self._report(
                 RuntimeError(
@@ -482,7 +486,7 @@ class RedisChannelRegistry:
         if delivery is not None:
             # Subscribed at Redis (or about to be): this PUBLISH comes back.
             own = delivery.own
-            own.append((echo, payload))
+            own.append((echo, payload, kind == "lifecycle"))
             if len(own) > self.max_pending_publishes:
                 own.popleft()  # long lost: never let them pile up
         self._enqueue((_PUBLISH, self._channel(share_data_id), payload, echo))
@@ -638,8 +642,10 @@ class RedisChannelRegistry:
             if echo is not None:
                 delivery = self._deliveries.get(self._share_data_id(channel))
                 if delivery is not None:
-                    with contextlib.suppress(ValueError):
-                        delivery.own.remove((echo, payload))
+                    for entry in delivery.own:
+                        if entry[0] == echo and entry[1] is payload:
+                            delivery.own.remove(entry)
+                            break
 
     async def _bounded(self, command: Awaitable[Any], what: str) -> Any:
         """One attempt of a Redis command, failed after ``command_timeout``."""
@@ -878,7 +884,8 @@ class RedisChannelRegistry:
         own = delivery.own
         if own and own[0][1] == payload:
             # The next own echo, byte for byte (the common case): no need to parse it.
-            own.popleft()
+            _, _, is_lifecycle = own.popleft()
+            delivery.lifecycle = payload if is_lifecycle else None
             return
         try:
             message = parse_server_message(payload)
@@ -887,21 +894,22 @@ class RedisChannelRegistry:
             return
         kind, sequence = kind_and_number(message)
         if own and self._own_echo(own, payload if sequence is None else sequence):
-            return  # delivered here when it was broadcast
+            # Delivered here when it was broadcast.
+            delivery.lifecycle = payload if kind == "lifecycle" else None
+            return
         subscribers = self._local.get(share_data_id)
+        previous, delivery.lifecycle = delivery.lifecycle, (payload if kind == "lifecycle" else None)
         if sequence is not None:
             if sequence <= delivery.mark:
                 return  # a copy of one delivered, or older than one delivered
             delivery.mark = sequence
-            delivery.lifecycle = None
         elif kind == "lifecycle":
-            if payload == delivery.lifecycle:
-                # The frame just delivered, again: a PUBLISH retried after a
-                # timeout can land twice. (A lifecycle frame carries no id;
-                # a real repeat of it changes nothing.)
-                return
             self._new_epoch(delivery, subscribers)
-            delivery.lifecycle = payload
+            if payload == previous:
+                # Right after the same frame: a PUBLISH retried after a
+                # timeout can land twice. Not delivered again (a lifecycle
+                # frame carries no id; a real repeat of it changes nothing).
+                return
         if subscribers:
             try:
                 self._fan_out(delivery, subscribers, core.encode_frame(payload), sequence)
@@ -909,12 +917,12 @@ class RedisChannelRegistry:
                 self._report(exc)
 
     @staticmethod
-    def _own_echo(own: deque[tuple[Any, bytes]], echo: Any) -> bool:
+    def _own_echo(own: deque[tuple[Any, bytes, bool]], echo: Any) -> bool:
         """Whether ``echo`` is one of this node's PUBLISHes coming back (then taken off ``own``)."""
         if own[0][0] == echo:
             own.popleft()
             return True
-        for index, (mine, _payload) in enumerate(own):
+        for index, (mine, _payload, _lifecycle) in enumerate(own):
             if mine == echo:
                 for _ in range(index + 1):  # those before it were lost on the way
                     own.popleft()

@@ -277,11 +277,12 @@ class ShareData:
 class _LockEntry:
     """A per-id lock that lives only as long as someone uses it."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("lock", "users", "owner")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0
+        self.owner: Any = None
 
 
 MAX_EVALUATIONS = 8
@@ -438,6 +439,8 @@ class ShareDataManager:
         # After any transaction of the old history under way: its event must
         # not follow the replacement's.
         async with self._id_lock(share_data.id):
+            if share_data.id not in self._share_data:
+                raise KeyError(_not_found(share_data.id))  # removed while this waited
             await self._replica.replace(share_data)
             self._share_data[share_data.id] = share_data
             self._announce("share-data:updated", share_data)
@@ -449,6 +452,8 @@ class ShareDataManager:
         if share_data_id not in self._share_data:
             return False
         async with self._id_lock(share_data_id):  # after any transaction under way, as in replace
+            if share_data_id not in self._share_data:
+                return False  # removed while this waited
             await self._replica.remove(share_data_id)
             return self._forget(share_data_id)
 
@@ -547,14 +552,26 @@ class ShareDataManager:
 
     @contextlib.asynccontextmanager
     async def _id_lock(self, share_data_id: str) -> AsyncIterator[None]:
-        """One at a time per id: transactions, and (with a store) replacement and removal."""
+        """One at a time per id: transactions, and (with a store) replacement and removal.
+
+        Re-entered by the task that holds it: a rule may replace or remove
+        its own id (its transaction then finds the id changed).
+        """
         entry = self._locks.get(share_data_id)
         if entry is None:
             entry = self._locks[share_data_id] = _LockEntry()
+        task = asyncio.current_task()
+        if entry.owner is task:
+            yield
+            return
         entry.users += 1
         try:
             async with entry.lock:
-                yield
+                entry.owner = task
+                try:
+                    yield
+                finally:
+                    entry.owner = None
         finally:
             entry.users -= 1
             if entry.users == 0:

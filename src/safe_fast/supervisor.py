@@ -12,12 +12,11 @@ every subscriber on every worker gets every broadcast) and the metrics
 directory (``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics``
 answers for all of them).
 
-A worker that exits with status 2 while the service is starting (within
-:data:`_STARTUP_WINDOW` seconds of the supervisor's start) found a bad
-setting (the one line saying which is on stderr): nothing would fix it by
-restarting, so the supervisor stops the others and exits 2 too. Later, the
-same status from a restarted worker is more likely a passing fault met on
-the way up, and it is restarted like any other: a worker that exits while
+A worker that exits with status 2 from its first start found a bad setting
+(the one line saying which is on stderr): nothing would fix it by
+restarting, so the supervisor stops the others and exits 2 too. The same
+status from a restarted worker (its settings served before) is more likely
+a passing fault met on the way up, and it is restarted like any other: a worker that exits while
 the supervisor is not stopping is logged and started again, after a delay
 that doubles (up to 10 s) while workers keep dying within 10 s of their
 start, so a crash loop does not spin (status 75, something temporarily
@@ -49,8 +48,6 @@ logger = logging.getLogger("safe_fast.supervisor")
 _POLL_SECONDS = 0.1
 _MAX_RESTART_DELAY = 10.0
 _STABLE_AFTER = 10.0
-_STARTUP_WINDOW = 10.0
-"""Seconds after the supervisor starts during which a worker's status 2 stops the service."""
 
 
 class _Worker:
@@ -60,6 +57,7 @@ class _Worker:
         self.started = 0.0
         self.restart_delay = 0.0
         self.restart_at: Optional[float] = None
+        self.starts = 0
 
 
 def supervise(settings: Settings, argv: list[str]) -> int:
@@ -81,6 +79,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
 
     def spawn(worker: _Worker) -> None:
         worker.process = subprocess.Popen(command, env=env, start_new_session=True)
+        worker.starts += 1
         worker.started = time.monotonic()
         worker.restart_at = None
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
@@ -103,7 +102,6 @@ def supervise(settings: Settings, argv: list[str]) -> int:
             " (fine for a few workers; PostgreSQL for more, see docs/store.md)",
             mask_url(settings.store_url),
         )
-    starting_until = time.monotonic() + _STARTUP_WINDOW
     try:
         for worker in workers:
             spawn(worker)
@@ -113,7 +111,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
                 process = worker.process
                 if process is not None and process.poll() is not None:
                     _forget_metrics(process.pid, env["PROMETHEUS_MULTIPROC_DIR"])
-                    if process.returncode == 2 and now < starting_until:
+                    if process.returncode == 2 and worker.starts == 1:
                         logger.error("worker %d found a bad setting; stopping", worker.index)
                         worker.process = None
                         _stop(workers, settings.shutdown_timeout, signals, env["PROMETHEUS_MULTIPROC_DIR"])

@@ -63,6 +63,19 @@ async def durable_no_hooks(manager: ShareDataManager) -> None:
     await manager.register(ShareData("counter", current_state={"count": 0}))
 
 
+def fails_its_third_start(manager: ShareDataManager) -> Any:
+    """The workers app, except that the third start counted in ``SAFE_FAST_TEST_STARTS`` (with
+    two workers: the first restart) fails as a bad setting would (exit status 2)."""
+    path = os.environ["SAFE_FAST_TEST_STARTS"]
+    with open(path, "a+") as starts:
+        starts.seek(0)
+        count = len(starts.read()) + 1
+        starts.write("x")
+    if count == 3:
+        raise RuntimeError("a fault on the way up")
+    return workers(manager)
+
+
 def raises(manager: ShareDataManager) -> None:
     raise RuntimeError("the application failed to start")
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("redis.asyncio", reason="the redis extra is not installed")
 
-from serve_helpers import Serve, eventually, http_get, metrics, proposal, recv_type, subscribed, wire  # noqa: E402
+from serve_helpers import DEADLINE, Serve, eventually, http_get, metrics, proposal, recv_type, subscribed, wire  # noqa: E402
 from test_scaleout import REDIS_SERVER, RedisProcess  # noqa: E402
 
 pytestmark = [
@@ -133,3 +133,29 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_a_restarted_worker_that_fails_on_its_way_up_is_restarted_again(
+    redis: RedisProcess, tmp_path: Path
+) -> None:
+    # Status 2 stops the service only from a worker's first start: a
+    # restarted worker's was met after its settings served.
+    log = tmp_path / "serve.log"
+    starts = tmp_path / "starts"
+    serve = Serve(
+        "serve_apps:fails_its_third_start", "--workers", "2", "--redis-url", redis.url,
+        env={"SAFE_FAST_TEST_STARTS": str(starts)}, log=log,
+    )  # fmt: skip
+    await asyncio.to_thread(serve.start)
+    try:
+        await eventually(lambda: len(serving_pids(log)) == 2, "two workers listening")
+        os.kill(next(iter(serving_pids(log))), signal.SIGKILL)
+        await eventually(lambda: len(serving_pids(log)) == 3, "a worker listening again", timeout=DEADLINE * 2)
+        text = log.read_text()
+        assert "exited with status 2" in text and "found a bad setting" not in text, text
+        assert serve.proc is not None and serve.proc.poll() is None
+    finally:
+        serve.signal(signal.SIGTERM)
+        status = await asyncio.to_thread(serve.wait)
+        await asyncio.to_thread(serve.stop)
+    assert status == 0, log.read_text()

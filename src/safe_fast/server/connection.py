@@ -219,6 +219,9 @@ class ServerHub:
         self.connections: dict[str, ServerConnection] = {}
         self._attached = False
         self._remove_channel = getattr(registry, "remove_channel", None)
+        # A registry of this process alone (``shared = False``): a change
+        # another node made reaches this node's subscribers only through us.
+        self._local_registry = getattr(registry, "shared", True) is False
         # Asynchronous replay-store writes still under way, per ShareData id:
         # a replay reads the window only once they have landed.
         self._pending_writes: dict[str, set[asyncio.Future[Any]]] = {}
@@ -269,8 +272,12 @@ class ServerHub:
     def _on_updated(self, event: Any) -> None:
         share_data_id = event.share_data_id
         if getattr(event, "remote", False):
-            # Another node replaced it and broadcast `lifecycle updated` itself.
+            # Another node replaced it and broadcast `lifecycle updated`
+            # itself, through a shared registry; through this process's own
+            # registry only this node can tell its subscribers.
             self._recorded.pop(share_data_id, None)
+            if self._local_registry:
+                self.broadcast(share_data_id, LifecycleFrame(share_data_id, "updated", event.current_state))
             return
         recorded = self._recorded.get(share_data_id)
         share_data = event.share_data
@@ -285,7 +292,7 @@ class ServerHub:
     def _on_removed(self, event: Any) -> None:
         share_data_id = event.share_data_id
         self._recorded.pop(share_data_id, None)
-        if getattr(event, "remote", False):
+        if getattr(event, "remote", False) and not self._local_registry:
             # Another node removed it and broadcast `lifecycle removed`; the
             # frame is on its way through the shared registry: drop this
             # node's subscribers once it had time to reach them.

@@ -258,20 +258,18 @@ class StoreReplica:
                     raise KeyError(f"shareDataId {share_data_id} not found")
                 state = share_data.current_state
                 accepted = await evaluate(function, state, proposed_data)
-                if self._cache.get(share_data_id) is not share_data or share_data.current_state is not state:
-                    continue  # changed while the rule ran: judge the new state
                 if lost_once and not held:
                     # Lost once: take the lock now, after the rule ran (its
                     # time is not spent holding other nodes off), and catch
                     # up with what committed before it. Unchanged: the
                     # verdict stands (and, where hold is a row lock, the
                     # commit cannot lose); else the rule runs again, under
-                    # the lock this time.
+                    # the lock this time, so a busy peer cannot starve it.
                     store = await stack.enter_async_context(self.store.hold(share_data_id))
                     held = True
                     await self._refresh_now(share_data_id, store)
-                    if self._cache.get(share_data_id) is not share_data or share_data.current_state is not state:
-                        continue
+                if self._cache.get(share_data_id) is not share_data or share_data.current_state is not state:
+                    continue  # changed while the rule ran (or before the lock): judge the new state
                 record = share_data._next_record(function.id, proposed_data, accepted, proof)
                 after = proposed_data if accepted else state
                 try:
