@@ -184,7 +184,7 @@ async def test_a_replacement_waits_for_a_transaction_under_way_and_is_announced_
         proposing = asyncio.ensure_future(node.apply_transaction("X", 2, SET))
         await asyncio.wait_for(committed.wait(), DEADLINE)
         replacing = asyncio.ensure_future(node.replace(doc(state="new")))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # replace starts, and waits for the id's lock (it used to go straight on)
         answer.set()
         await asyncio.wait_for(asyncio.gather(proposing, replacing), DEADLINE)
         assert events == [("transaction", "2"), ("updated", "new")]
@@ -322,16 +322,17 @@ async def test_a_replacement_waiting_for_a_transaction_does_not_bring_back_an_id
         node_a, node_b = ShareDataManager(store=store), ShareDataManager(store=store)
         await node_a.register(doc())
         await node_b.register(doc())
-        go = asyncio.Event()
+        committing, go = asyncio.Event(), asyncio.Event()
         commit = store.commit
 
         async def commit_later(*args: Any, **kwargs: Any) -> Any:
+            committing.set()
             await asyncio.wait_for(go.wait(), DEADLINE)
             return await commit(*args, **kwargs)
 
         store.commit = commit_later  # type: ignore[method-assign]
         proposing = asyncio.ensure_future(node_a.apply_transaction("X", 1, SET))
-        await asyncio.sleep(0)  # A's transaction holds the id's lock, waiting to commit
+        await asyncio.wait_for(committing.wait(), DEADLINE)  # A's transaction holds the id's lock
         replacing = asyncio.ensure_future(node_a.replace(doc(state="new")))
         assert await node_b.remove("X")  # another node removes it meanwhile
         go.set()

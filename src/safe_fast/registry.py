@@ -72,6 +72,20 @@ def snapshot_number(connection: Any, share_data_id: str) -> Optional[int]:
     return NO_TRANSACTION if number is None else number
 
 
+def recipients(subscribers: dict[Any, int], number: Optional[int], newest: int) -> dict[Any, int]:
+    """Who gets a frame: every subscriber, except, for transaction ``number`` at or below
+    ``newest`` (the upper bound of their snapshots: the rare race), those whose snapshot holds it."""
+    if number is None or number > newest:
+        return subscribers
+    return {connection: seen for connection, seen in subscribers.items() if seen < number}
+
+
+def forget_snapshots(subscribers: dict[Any, int]) -> None:
+    """A new history (after a ``lifecycle`` frame): no snapshot holds any of its transactions yet."""
+    for connection in subscribers:
+        subscribers[connection] = NO_TRANSACTION
+
+
 @runtime_checkable
 class ChannelRegistry(Protocol):
     """Subscriptions and fan-out. Methods may return awaitables."""
@@ -132,15 +146,10 @@ class InMemoryChannelRegistry:
         if not subscribers:
             return
         kind, number = kind_and_number(message)
-        if number is not None:
-            if number <= self._newest.get(share_data_id, NO_TRANSACTION):
-                # Someone's snapshot already holds it: skip them.
-                subscribers = {connection: seen for connection, seen in subscribers.items() if seen < number}
-        elif kind == "lifecycle" and self._newest.pop(share_data_id, NO_TRANSACTION) != NO_TRANSACTION:
-            for connection in subscribers:
-                subscribers[connection] = NO_TRANSACTION
+        if kind == "lifecycle" and self._newest.pop(share_data_id, NO_TRANSACTION) != NO_TRANSACTION:
+            forget_snapshots(subscribers)
         frame = encode_broadcast_frame(message)
-        delivered = core.fanout(frame, subscribers)
+        delivered = core.fanout(frame, recipients(subscribers, number, self._newest.get(share_data_id, NO_TRANSACTION)))
         if self.fanout_observer is not None:
             self.fanout_observer(delivered, len(frame))
 

@@ -81,7 +81,7 @@ import orjson
 
 from ._backend import core
 from .messages import InvalidMessage, ServerMessage, decode_json, encode_message, parse_server_message
-from .registry import NO_TRANSACTION, kind_and_number, snapshot_number
+from .registry import NO_TRANSACTION, forget_snapshots, kind_and_number, recipients, snapshot_number
 from .replay import ReplayEntry
 
 __all__ = ["RedisChannelRegistry", "RedisReplayStore", "CorruptReplayEntry"]
@@ -930,18 +930,13 @@ class RedisChannelRegistry:
         return False
 
     def _fan_out(self, delivery: _Delivery, subscribers: dict[Any, int], frame: bytes, sequence: Optional[int]) -> None:
-        if sequence is not None and sequence <= delivery.newest:
-            # Someone's snapshot already holds it: skip them (rare; the common
-            # case below does no work per subscriber).
-            subscribers = {connection: seen for connection, seen in subscribers.items() if seen < sequence}
-        delivered = core.fanout(frame, subscribers)
+        delivered = core.fanout(frame, recipients(subscribers, sequence, delivery.newest))
         if self.fanout_observer is not None:
             self.fanout_observer(delivered, len(frame))
 
     @staticmethod
     def _new_epoch(delivery: _Delivery, subscribers: Optional[dict[Any, int]]) -> None:
         """After a ``lifecycle`` frame the ids may start again from 1: forget the marks."""
+        if subscribers and delivery.newest != NO_TRANSACTION:  # else every mark is NO_TRANSACTION already
+            forget_snapshots(subscribers)
         delivery.mark = delivery.newest = NO_TRANSACTION
-        if subscribers:
-            for connection in subscribers:
-                subscribers[connection] = NO_TRANSACTION

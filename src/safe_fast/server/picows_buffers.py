@@ -64,15 +64,19 @@ logger = logging.getLogger("safe_fast.server")
 VERIFIED_PICOWS = ("2.3.1",)
 """picows versions whose ``MemoryBuffer`` layout and buffer use were checked against its source."""
 
-READ_CAPACITY = 768
-"""The trimmed read buffer: picows keeps 256 bytes of it spare for its SIMD
-parsers, so reads of up to 512 bytes (every request of this protocol but a
-large ``propose``) fit without growing it."""
+_SPARE = 256
+"""What picows keeps spare past the part of its read buffer it reads into."""
 
-GROWS_AT = (READ_CAPACITY - 256) // 2 - 6
+READ_CAPACITY = 768
+"""The trimmed read buffer: 512 bytes picows reads into, and the 256 it keeps
+spare for its SIMD parsers. picows doubles it after a read that leaves 256
+or fewer of the 512 free: a request shorter than :data:`GROWS_AT` (every
+request of this protocol but a large ``propose``) never grows it."""
+
+GROWS_AT = (READ_CAPACITY - _SPARE) - 256 - 6
 """A message this long or longer may have made the read buffer grow: picows
-doubles it when a read leaves 256 bytes or fewer free, and a client frame
-has a header of 6 bytes or more."""
+doubles it when a read leaves 256 bytes or fewer of its reading part free,
+and a client frame has a header of 6 bytes or more."""
 
 # MemoryBuffer: PyObject_HEAD (16), vtable pointer (8), then these (picows.pxd).
 _SIZE, _CAPACITY, _DATA = 24, 32, 40
@@ -160,7 +164,7 @@ def _shrink_read_buffer(protocol: Any) -> bool:
     if buffer is None:
         return True
     size, capacity, data = _fields(buffer)
-    if capacity <= READ_CAPACITY or not data or not size or size + 256 > capacity:
+    if capacity <= READ_CAPACITY or not data or not size or size + _SPARE > capacity:
         return True  # small already (or the layout is not what it seems: leave it)
     # What picows would read into next: its unread bytes end where this starts.
     free = protocol.get_buffer(-1)
@@ -179,7 +183,7 @@ def _shrink_read_buffer(protocol: Any) -> bool:
     # old block is whole again for the next connection's first read buffer.
     smaller = _malloc(READ_CAPACITY)
     if smaller:
-        _set_fields(buffer, READ_CAPACITY - 256, READ_CAPACITY, smaller)
+        _set_fields(buffer, READ_CAPACITY - _SPARE, READ_CAPACITY, smaller)
         _free(data)
     return True
 
